@@ -1,0 +1,37 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.requirements-installed
+NOTEBOOK := dino_vit.ipynb
+EXECUTE := $(BIN)/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1
+PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
+
+.PHONY: setup demo test notebook bench clean
+
+$(STAMP): requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+setup: $(STAMP)
+
+## demo: execute the notebook headless on its default profile (figures go to figures/)
+demo: setup
+	$(EXECUTE) --output-dir build --output $(NOTEBOOK) $(NOTEBOOK)
+	@echo "executed copy: build/$(NOTEBOOK); figures: figures/"
+
+## test: nbval re-executes the notebook (checked cells compared) and the unit tests run
+test: setup
+	$(PYTEST) --nbval-lax --sanitize-with tests/sanitize.cfg $(NOTEBOOK) tests/
+
+## notebook: re-execute the notebook in place, as it is committed
+notebook: setup
+	$(EXECUTE) --inplace $(NOTEBOOK)
+
+## bench: every benchmark in tests/benchmarks/, with its figures
+bench: setup
+	$(BIN)/python tests/benchmarks/run_all.py
+
+clean:
+	rm -rf build data/cache data/embedded
