@@ -1,0 +1,169 @@
+"""Attention maps: CLS attention per patch, mass-threshold masks, upsampling, overlays, contours,
+figures, and the optional official checkpoint."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+
+def small_vit(nb, **kw):
+    torch.manual_seed(0)
+    return nb.VisionTransformer(**{**dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3), **kw})
+
+
+class BrightPatchAttention(nn.Module):
+    """A stand-in whose CLS attention follows the brightness of each patch: orientation is checkable."""
+    def __init__(self, patch=8, heads=2):
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, 1, kernel_size=patch, stride=patch)
+        self.heads = heads
+
+    def get_last_selfattention(self, x):
+        p = self.patch_embed.proj.kernel_size[0]
+        brightness = nn.functional.avg_pool2d(x.mean(1, keepdim=True), p).flatten(1)  # (B, N) row-major
+        scores = torch.cat([torch.zeros(len(x), 1), 10 * brightness], dim=1).softmax(-1)
+        n = scores.shape[1]
+        return scores[:, None, None, :].expand(len(x), self.heads, n, n)
+
+
+# ---------------------------------------------------------------- masks
+
+def reference_threshold_mask(attn, t):
+    """visualize_attention.py: ascending sort, cumulative sum, keep where cumsum > 1 - t."""
+    val, idx = torch.sort(attn)
+    val = val / val.sum()
+    keep = torch.cumsum(val, 0) > (1 - t)
+    return keep[torch.argsort(idx)]
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.6, 0.9, 0.999])
+def test_mask_holds_fraction_and_is_minimal(nb, fraction):
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.rand(5, 3, 6, 9, generator=gen) ** 4  # peaky, like attention
+    masks = nb.attention_mass_mask(maps, fraction)
+    assert masks.dtype == torch.bool and masks.shape == maps.shape
+    for m, mask in zip(maps.reshape(-1, 6, 9), masks.reshape(-1, 6, 9)):
+        share = m / m.sum()
+        kept = share[mask]
+        assert kept.sum() >= fraction - 1e-6
+        assert kept.sum() - kept.min() < fraction  # without its weakest patch it falls short
+        # the kept patches are the strongest ones
+        assert kept.min() >= share[~mask].max() if (~mask).any() else True
+        assert torch.equal(mask.flatten(), reference_threshold_mask(m.flatten(), fraction))
+
+
+def test_mask_on_hand_made_map(nb):
+    toy = torch.tensor([[0.05, 0.30], [0.15, 0.50]])
+    assert nb.attention_mass_mask(toy, 0.5).tolist() == [[False, False], [False, True]]
+    assert nb.attention_mass_mask(toy, 0.6).tolist() == [[False, True], [False, True]]
+    assert nb.attention_mass_mask(toy * 7, 0.9).tolist() == [[False, True], [True, True]]  # scale-free
+    assert nb.attention_mass_mask(toy, 1.0).all()
+
+
+# ---------------------------------------------------------------- maps
+
+@pytest.mark.parametrize("height,width", [(32, 32), (40, 72), (45, 70), (72, 24)])
+def test_cls_attention_maps_any_size(nb, height, width):
+    model = small_vit(nb).train()
+    images = np.random.default_rng(0).integers(0, 256, (2, 3, height, width), dtype=np.uint8)
+    maps = nb.cls_attention_maps(model, images)
+    grid = (height // 8, width // 8)
+    assert maps.shape == (2, 3, *grid) and maps.dtype == torch.float32
+    assert model.training  # mode restored
+    cropped = torch.from_numpy(images[:, :, :grid[0] * 8, :grid[1] * 8].copy())
+    with torch.no_grad():
+        attention = model.eval().get_last_selfattention(nb.normalize_uint8(cropped))
+    assert torch.allclose(maps.flatten(2), attention[:, :, 0, 1:], atol=1e-6)
+    assert torch.all(maps >= 0) and torch.all(maps.flatten(2).sum(-1) <= 1 + 1e-5)
+
+
+def test_cls_attention_maps_orientation_on_non_square_image(nb):
+    images = np.zeros((1, 3, 24, 48), dtype=np.uint8)     # 3 x 6 patches
+    images[:, :, 8:16, 32:40] = 255                      # patch row 1, column 4
+    maps = nb.cls_attention_maps(BrightPatchAttention(), images)
+    assert maps.shape == (1, 2, 3, 6)
+    assert np.unravel_index(maps[0, 0].argmax().item(), (3, 6)) == (1, 4)
+
+
+# ---------------------------------------------------------------- pictures
+
+def test_upsample_nearest_and_smooth(nb):
+    grid = np.arange(6, dtype=np.float32).reshape(2, 3)
+    nearest = nb.upsample_map(grid, (16, 24))
+    assert nearest.shape == (16, 24) and np.array_equal(nearest[::8, ::8], grid)
+    assert np.array_equal(nearest, np.kron(grid, np.ones((8, 8), np.float32)))
+    smooth = nb.upsample_map(grid, (16, 24), smooth=True)
+    assert smooth.shape == (16, 24) and smooth.min() >= 0 and smooth.max() <= 5
+    assert len(np.unique(smooth)) > 6
+
+
+def test_overlay_is_uint8_rgb_same_size(nb):
+    import cv2
+    image = np.full((30, 50, 3), 100, dtype=np.uint8)
+    heat = np.random.default_rng(0).random((30, 50))
+    overlay = nb.heatmap_overlay(image, heat)
+    assert overlay.dtype == np.uint8 and overlay.shape == (30, 50, 3)
+    # colour order: COLORMAP_AUTUMN maps 0 to red; with alpha=1 a zero map must be red in RGB
+    red = nb.heatmap_overlay(image, np.zeros((30, 50)), alpha=1.0, colormap=cv2.COLORMAP_AUTUMN)
+    assert np.all(red[..., 0] == 255) and np.all(red[..., 2] == 0)
+    untouched = nb.heatmap_overlay(image, heat, alpha=0.0)
+    assert np.array_equal(untouched, image)
+
+
+def test_mask_contours_close_at_the_border(nb):
+    mask = np.zeros((10, 12), bool)
+    mask[:4, :5] = True       # touches the top-left corner
+    mask[6:9, 7:10] = True    # inside
+    contours = nb.mask_contours(mask)
+    assert len(contours) == 2
+    for contour in contours:
+        assert np.allclose(contour[0], contour[-1])  # closed
+        assert contour[:, 0].min() >= -0.5 and contour[:, 1].min() >= -0.5
+    corner = min(contours, key=lambda c: c[:, 0].min())
+    assert corner[:, 0].max() == pytest.approx(3.5) and corner[:, 1].max() == pytest.approx(4.5)
+
+
+def test_attention_row_and_figure(nb, tmp_path):
+    model = small_vit(nb)
+    image = np.random.default_rng(1).integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    for smooth in (False, True):
+        shown, heats, masks = nb.attention_row(model, image, 0.6, smooth=smooth, scale=2)
+        assert shown.shape == (80, 128, 3) and shown.dtype == np.uint8
+        assert len(heats) == len(masks) == 1 + 3  # mean over heads, then each head
+        assert all(h.shape == (80, 128) for h in heats) and all(m.dtype == bool for m in masks)
+    fig = nb.plot_attention_rows([nb.attention_row(model, image, 0.6)] * 2, "test")
+    assert len(fig.axes) == 2 * 5
+    cfg = nb.make_config("demo", figure_dir=str(tmp_path / "figures"))
+    path = nb.save_figure(fig, cfg, "attention_test")
+    assert path.is_file() and path.stat().st_size > 1000
+
+
+def test_photo_for_attention_caps_the_long_side(nb):
+    photo = nb.photo_for_attention("chelsea", 200)
+    assert photo.dtype == np.uint8 and photo.ndim == 3 and photo.shape[2] == 3
+    assert max(photo.shape[:2]) == 200 and photo.shape[1] > photo.shape[0]  # landscape kept
+    assert nb.photo_for_attention("chelsea", 10_000).shape[:2] == (300, 451)
+
+
+# ---------------------------------------------------------------- official checkpoint
+
+def test_missing_checkpoint_says_where_and_returns_none(nb, tmp_path, capsys):
+    cfg = nb.make_config("demo", pretrained_path=str(tmp_path / "nothing_here.pth"))
+    assert nb.load_pretrained_dino(cfg) is None
+    message = capsys.readouterr().out
+    assert "nothing_here.pth" in message and nb.DINO_VITS8_URL in message
+
+
+def test_present_checkpoint_loads_vit_small_8(nb, tmp_path):
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in nb.vit_small(patch_size=8, img_size=224).state_dict().items()}
+    torch.manual_seed(0)
+    state = {k: torch.randn(shape) * 0.02 for k, shape in shapes.items()}
+    torch.save(state, tmp_path / "dino_deitsmall8_pretrain.pth")
+    cfg = nb.make_config("demo", pretrained_path=str(tmp_path / "dino_deitsmall8_pretrain.pth"))
+    model = nb.load_pretrained_dino(cfg)
+    assert not model.training and model.patch_embed.proj.kernel_size == (8, 8)
+    assert torch.equal(model.pos_embed, state["pos_embed"]) and model.pos_embed.shape[1] == 1 + 28 * 28
+    maps = nb.cls_attention_maps(model, np.zeros((1, 3, 40, 56), np.uint8))
+    assert maps.shape == (1, 6, 5, 7)

@@ -1,0 +1,210 @@
+"""Weighted k-NN, feature extraction and export, and the linear probe."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------- helpers
+
+def reference_knn(train, train_labels, test, test_labels, k, T, num_classes):
+    """The reference eval_knn.py vote, on the full similarity matrix, one query at a time."""
+    train, test = F.normalize(train.float(), dim=1), F.normalize(test.float(), dim=1)
+    k = min(k, len(train))
+    top1 = top5 = 0
+    for query, target in zip(test, test_labels):
+        sims, idx = (train @ query).topk(k)
+        votes = torch.zeros(num_classes)
+        for s, i in zip(sims, idx):
+            votes[train_labels[i]] += math.exp(s / T)
+        ranked = votes.argsort(descending=True)
+        voted = votes[target] > 0
+        top1 += int(ranked[0] == target and voted)
+        top5 += int(target in ranked[:5] and voted)
+    return 100.0 * top1 / len(test), 100.0 * top5 / len(test)
+
+
+def directions(angles_degrees):
+    """2-D unit vectors at the given angles: cosine similarities we can compute by hand."""
+    a = torch.tensor(angles_degrees, dtype=torch.float32) * math.pi / 180
+    return torch.stack([a.cos(), a.sin()], dim=1)
+
+
+def small_vit(nb, **kw):
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=2)
+    return nb.VisionTransformer(**{**args, **kw})
+
+
+# ---------------------------------------------------------------- k-NN on hand-made features
+
+def test_knn_known_answers_one_and_seven_queries(nb):
+    # class 0 around 0 degrees, class 1 around 90, class 2 around 180; classes 3 and 4 far away
+    train = directions([0, 5, -5, 90, 95, 85, 180, 175, 270, 300])
+    train_labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 4])
+    one = nb.knn_classify(train, train_labels, directions([2]), torch.tensor([0]), k=(1, 3))
+    assert one == {1: (100.0, 100.0), 3: (100.0, 100.0)}
+    wrong = nb.knn_classify(train, train_labels, directions([2]), torch.tensor([1]), k=3)
+    assert wrong == {3: (0.0, 0.0)}  # class 1 got no vote among the 3 nearest: not even top-5
+    # seven queries; only classes 0, 1, 2 appear in the test set; one query (at 60 degrees, label 0)
+    # is nearer to class 1: a top-1 miss, and a top-5 miss too until k reaches class 0 (k = 6)
+    queries = directions([1, 88, 178, 92, -3, 183, 60])
+    labels = torch.tensor([0, 1, 2, 1, 0, 2, 0])
+    result = nb.knn_classify(train, train_labels, queries, labels, k=(1, 3, 6))
+    assert result[1] == pytest.approx((600 / 7, 600 / 7))
+    assert result[3] == pytest.approx((600 / 7, 600 / 7))
+    assert result[6] == pytest.approx((600 / 7, 100.0))
+    for k in (1, 3, 6):
+        assert result[k] == pytest.approx(reference_knn(train, train_labels, queries, labels, k, 0.07, 5))
+
+
+def test_knn_vote_is_weighted_by_temperature(nb):
+    # one neighbour of class 0 at similarity 1, two of class 1 at similarity cos(60 deg) = 0.5
+    train = directions([0, 60, -60])
+    train_labels = torch.tensor([0, 1, 1])
+    query, label0 = directions([0]), torch.tensor([0])
+    # T = 0.07: exp(1/T) >> 2 exp(0.5/T): class 0 wins although outnumbered
+    assert nb.knn_classify(train, train_labels, query, label0, k=3, T=0.07)[3][0] == 100.0
+    # T = 10: weights almost equal, the majority (class 1) wins
+    assert nb.knn_classify(train, train_labels, query, label0, k=3, T=10.0)[3][0] == 0.0
+
+
+def test_knn_k_larger_than_train_set_and_few_classes(nb):
+    train = directions([0, 10, 120, 130])
+    train_labels = torch.tensor([0, 0, 1, 1])
+    queries, labels = directions([3, 125, 60]), torch.tensor([0, 1, 1])
+    result = nb.knn_classify(train, train_labels, queries, labels, k=(20, 200))
+    # all 4 neighbours vote; 2 classes only, so top-5 is every class with a vote: 100%
+    for k in (20, 200):
+        assert result[k][1] == 100.0
+        assert result[k] == pytest.approx(reference_knn(train, train_labels, queries, labels, k, 0.07, 2))
+    assert result[20][0] == pytest.approx(200 / 3)  # the query at 60 degrees is nearer to class 0
+
+
+def test_knn_tiny_temperature_does_not_underflow(nb):
+    train, train_labels = directions([0, 40, 90]), torch.tensor([0, 1, 1])
+    # with T = 1e-3, exp(s/T) overflows float32 and exp(-s/T) underflows; the ranking must survive
+    assert nb.knn_classify(train, train_labels, directions([10]), torch.tensor([0]), k=3, T=1e-3)[3] == (100.0, 100.0)
+
+
+@pytest.mark.parametrize("chunk_size,train_chunk_size", [(1, 7), (13, 50), (64, 1000), (1000, 3)])
+def test_knn_chunked_equals_unchunked_and_reference(nb, chunk_size, train_chunk_size):
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(12, 32, generator=gen)
+    train_labels = torch.randint(0, 12, (300,), generator=gen)
+    test_labels = torch.randint(0, 12, (57,), generator=gen)
+    train = centres[train_labels] + 1.5 * torch.randn(300, 32, generator=gen)
+    test = centres[test_labels] + 1.5 * torch.randn(57, 32, generator=gen)
+    ks = (1, 5, 10, 20)
+    whole = nb.knn_classify(train, train_labels, test, test_labels, k=ks, chunk_size=10_000,
+                            train_chunk_size=10_000)
+    chunked = nb.knn_classify(train, train_labels, test, test_labels, k=ks, chunk_size=chunk_size,
+                              train_chunk_size=train_chunk_size)
+    assert chunked == whole
+    for k in ks:
+        assert whole[k] == pytest.approx(reference_knn(train, train_labels, test, test_labels, k, 0.07, 12))
+    assert 0 < whole[20][0] < 100 and whole[20][0] <= whole[20][1]
+
+
+def test_nearest_neighbours_running_topk_matches_full_topk(nb):
+    gen = torch.Generator().manual_seed(1)
+    train, queries = torch.randn(103, 16, generator=gen), torch.randn(9, 16, generator=gen)
+    full_sims, full_idx = (F.normalize(queries, dim=1) @ F.normalize(train, dim=1).T).topk(25, dim=1)
+    for chunk in (1, 10, 24, 25, 26, 103, 500):
+        sims, idx = nb.nearest_neighbours(train, queries, k=25, train_chunk_size=chunk)
+        assert torch.equal(idx, full_idx) and torch.allclose(sims, full_sims, atol=1e-6)
+    sims, idx = nb.nearest_neighbours(train[:4], queries, k=25)  # k clamped to the train set
+    assert sims.shape == (9, 4) and sorted(idx[0].tolist()) == [0, 1, 2, 3]
+
+
+def test_knn_accepts_numpy_and_rejects_empty(nb):
+    train, labels = np.eye(3, dtype=np.float32), np.array([0, 1, 2])
+    assert nb.knn_classify(train, labels, train, labels, k=1) == {1: (100.0, 100.0)}
+    with pytest.raises(ValueError):
+        nb.knn_classify(train, labels, train[:0], labels[:0], k=1)
+
+
+# ---------------------------------------------------------------- features
+
+def test_extract_features_shapes_batches_and_mode(nb, tmp_path):
+    model = small_vit(nb, drop_path_rate=0.5).train()  # drop path: train and eval mode differ
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (7, 3, 32, 32), dtype=np.uint8)
+    memmap = np.memmap(tmp_path / "images.u8", dtype=np.uint8, mode="w+", shape=images.shape)
+    memmap[:] = images
+    memmap.flush()
+    memmap = np.memmap(tmp_path / "images.u8", dtype=np.uint8, mode="r", shape=images.shape)
+    cls = nb.extract_features(model, memmap, batch_size=3)
+    assert cls.dtype == torch.float32 and cls.shape == (7, 48) and cls.device.type == "cpu"
+    assert model.training  # mode restored
+    with torch.no_grad():
+        expected = model.eval()(nb.normalize_uint8(torch.from_numpy(images)))
+    assert torch.allclose(cls, expected, atol=1e-5)  # batches of 3 == one batch, eval mode (no drop path)
+    assert torch.allclose(nb.extract_features(model, torch.from_numpy(images), batch_size=256), cls, atol=1e-5)
+    many = nb.extract_features(model, images, n_last_blocks=2, avgpool=True)
+    assert many.shape == (7, 48 * 3)
+    with torch.no_grad():
+        blocks = model.get_intermediate_layers(nb.normalize_uint8(torch.from_numpy(images)), 2)
+    assert torch.allclose(many[:, :48], blocks[0][:, 0], atol=1e-5)
+    assert torch.allclose(many[:, 48:96], cls, atol=1e-5)  # last block's normed CLS is the feature
+    assert torch.allclose(many[:, 96:], blocks[1][:, 1:].mean(1), atol=1e-5)
+    assert nb.extract_features(model, images, n_last_blocks=3).shape == (7, 48 * 3)
+
+
+def test_save_and_load_features(nb, tmp_path):
+    run_dir = tmp_path / "checkpoints" / "run"
+    feats, labels = torch.randn(10, 6), torch.arange(10) % 3
+    paths = nb.save_features(run_dir, "train", feats, labels)
+    nb.save_features(run_dir, "val", feats[:4].double(), labels[:4].numpy().astype(np.int32))
+    assert paths == (run_dir / "features" / "train" / "features.npy", run_dir / "features" / "train" / "labels.npy")
+    stored = np.load(run_dir / "features" / "val" / "features.npy")
+    assert stored.dtype == np.float32 and stored.shape == (4, 6)
+    assert np.load(run_dir / "features" / "val" / "labels.npy").dtype == np.int64
+    loaded_feats, loaded_labels = nb.load_features(run_dir, "train")
+    assert torch.equal(loaded_feats, feats) and torch.equal(loaded_labels, labels)
+    assert sorted(p.name for p in (run_dir / "features" / "train").iterdir()) == ["features.npy", "labels.npy"]
+
+
+def test_knn_accuracy_end_to_end_with_eval_cap(nb):
+    """knn_accuracy == extract + knn_classify by hand, on max_eval_images evenly spaced images."""
+    model = small_vit(nb)
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 10)
+    colours = rng.integers(0, 256, (4, 3, 1, 1))
+    images = np.clip(colours[labels] + rng.integers(-30, 30, (40, 3, 32, 32)), 0, 255).astype(np.uint8)
+    dataset = type("Data", (), {"images": images, "labels": labels, "__len__": lambda self: 40})()
+    cfg = nb.make_config("demo", knn_k=5, knn_temperature=0.07, max_eval_images=20)
+    images_capped, labels_capped = nb.evenly_spaced(dataset, 20)
+    assert len(images_capped) == 20 and set(labels_capped.tolist()) == {0, 1, 2, 3}
+    top1, top5 = nb.knn_accuracy(model, dataset, dataset, cfg, torch.device("cpu"))
+    feats = nb.extract_features(model, images_capped)
+    assert (top1, top5) == nb.knn_classify(feats, labels_capped, feats, labels_capped, k=5)[5]
+    one_nn = nb.make_config("demo", knn_k=1, max_eval_images=20)
+    assert nb.knn_accuracy(model, dataset, dataset, one_nn, torch.device("cpu")) == (100.0, 100.0)  # itself
+    assert nb.evenly_spaced(dataset, 0)[0] is images
+
+
+# ---------------------------------------------------------------- linear probe
+
+def test_linear_probe_learns_separable_data_and_is_deterministic(nb):
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(5).repeat(60)
+    feats = 50 + 20 * (4 * torch.randn(5, 24, generator=gen)[labels] + torch.randn(300, 24, generator=gen))
+    args = (feats[:200], labels[:200], feats[200:], labels[200:])
+    top1, top5 = nb.linear_probe(*args, epochs=10, lr=0.01, batch_size=50)
+    assert top1 > 95 and top5 == 100.0
+    assert nb.linear_probe(*args, epochs=10, lr=0.01, batch_size=50) == (top1, top5)
+    shuffled = labels[torch.randperm(300, generator=gen)]
+    chance_top1, _ = nb.linear_probe(feats[:200], shuffled[:200], feats[200:], shuffled[200:], epochs=10,
+                                     lr=0.01, batch_size=50)
+    assert chance_top1 < 50
+
+
+def test_standardize_uses_train_statistics(nb):
+    train, val = 3 + 2 * torch.randn(500, 4), torch.full((2, 4), 3.0)
+    train_std, val_std = nb.standardize(train, val)
+    assert torch.allclose(train_std.mean(0), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(train_std.std(0), torch.ones(4), atol=1e-4)
+    assert torch.allclose(val_std, (val - train.mean(0)) / (train.std(0) + 1e-6))

@@ -1,0 +1,165 @@
+"""The DINO loss: value against a direct per-pair computation, centre update, temperature schedule,
+collapse diagnostics."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def make_loss(nb, out_dim=16, ncrops=5, warmup=0.04, final=0.07, warmup_epochs=3, nepochs=6, **kw):
+    return nb.DINOLoss(out_dim, ncrops, warmup, final, warmup_epochs, nepochs, **kw)
+
+
+def reference_loss(student, teacher, center, ncrops, student_temp, teacher_temp):
+    """The reference implementation's double loop, written out directly."""
+    student_chunks = (student / student_temp).chunk(ncrops)
+    teacher_chunks = F.softmax((teacher - center) / teacher_temp, dim=-1).chunk(2)
+    total, n_terms = 0.0, 0
+    for i, q in enumerate(teacher_chunks):
+        for v, s in enumerate(student_chunks):
+            if v == i:
+                continue
+            total += torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
+            n_terms += 1
+    return total / n_terms
+
+
+@pytest.mark.parametrize("ncrops,batch", [(2, 3), (5, 4), (12, 2)])
+def test_loss_matches_per_pair_computation(nb, ncrops, batch):
+    torch.manual_seed(ncrops)
+    loss_fn = make_loss(nb, ncrops=ncrops)
+    loss_fn.center.copy_(torch.randn(1, 16))  # a non-zero centre takes part too
+    student = torch.randn(ncrops * batch, 16) * 3
+    teacher = torch.randn(2 * batch, 16) * 3
+    expected = reference_loss(student, teacher, loss_fn.center.clone(), ncrops, 0.1, loss_fn.teacher_temp(1))
+    assert torch.allclose(loss_fn(student, teacher, epoch=1), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_matches_per_pair_computation_and_teacher_gets_none(nb):
+    torch.manual_seed(0)
+    loss_fn = make_loss(nb, ncrops=4)
+    student = torch.randn(4 * 3, 16, requires_grad=True)
+    teacher = torch.randn(2 * 3, 16, requires_grad=True)
+    loss_fn(student, teacher, epoch=0).backward()
+    student_ref = student.detach().clone().requires_grad_(True)
+    reference_loss(student_ref, teacher.detach(), torch.zeros(1, 16), 4, 0.1, 0.04).backward()
+    assert torch.allclose(student.grad, student_ref.grad, atol=1e-6)
+    assert teacher.grad is None
+
+
+def test_same_view_pairs_are_excluded(nb):
+    """Student crop v equal to teacher crop v costs nothing extra: only cross-view pairs count."""
+    torch.manual_seed(1)
+    batch, k = 3, 8
+    loss_fn = make_loss(nb, out_dim=k, ncrops=2, warmup=0.1, final=0.1, warmup_epochs=0, nepochs=1)
+    teacher = torch.randn(2 * batch, k)
+    # With student_temp == teacher_temp, student crop i reproduces teacher crop i exactly.
+    same = loss_fn(teacher.clone(), teacher, epoch=0)
+    t0, t1 = F.softmax(teacher / 0.1, -1).chunk(2)
+    s0, s1 = F.log_softmax(teacher / 0.1, -1).chunk(2)
+    cross_only = 0.5 * (-(t0 * s1).sum(-1).mean() - (t1 * s0).sum(-1).mean())
+    with_same_view = 0.25 * (-(t0 * s0).sum(-1).mean() - (t1 * s1).sum(-1).mean()) + 0.5 * cross_only
+    assert torch.allclose(same, cross_only, atol=1e-6)
+    assert not torch.allclose(same, with_same_view, atol=1e-3)
+    # Swapping the two student global crops changes the loss: pairing is by view.
+    swapped = torch.cat(teacher.chunk(2)[::-1])
+    loss_fn.center.zero_()
+    assert loss_fn(swapped, teacher, epoch=0) < same - 1e-3
+
+
+def test_center_update_is_ema_of_teacher_batch_mean(nb):
+    torch.manual_seed(2)
+    loss_fn = make_loss(nb, ncrops=3, center_momentum=0.8)
+    assert loss_fn.center.shape == (1, 16) and torch.all(loss_fn.center == 0)
+    assert "center" in dict(loss_fn.named_buffers())
+    teachers = [torch.randn(2 * 4, 16) for _ in range(3)]
+    expected = torch.zeros(1, 16)
+    for teacher in teachers:
+        loss_fn(torch.randn(3 * 4, 16), teacher, epoch=0)
+        expected = 0.8 * expected + 0.2 * teacher.mean(0, keepdim=True)
+        assert torch.allclose(loss_fn.center, expected, atol=1e-6)
+    # The centre is applied before the next softmax: the loss depends on it.
+    loss_with_center = make_loss(nb, ncrops=3)
+    loss_with_center.center.copy_(expected)
+    student, teacher = torch.randn(12, 16), torch.randn(8, 16)
+    a = loss_with_center(student, teacher, epoch=0)
+    b = make_loss(nb, ncrops=3)(student, teacher, epoch=0)
+    assert not torch.allclose(a, b)
+
+
+def test_teacher_temperature_schedule(nb):
+    loss_fn = make_loss(nb, warmup=0.04, final=0.07, warmup_epochs=4, nepochs=10)
+    schedule = loss_fn.teacher_temp_schedule
+    assert len(schedule) == 10
+    np.testing.assert_allclose(schedule[:4], np.linspace(0.04, 0.07, 4))
+    np.testing.assert_allclose(schedule[4:], 0.07)
+    assert loss_fn.teacher_temp(0) == pytest.approx(0.04)
+    assert loss_fn.teacher_temp(2.9) == pytest.approx(schedule[2])   # float epochs: int index
+    assert loss_fn.teacher_temp(25) == pytest.approx(0.07)           # past the end: last value
+    # no warm-up (the demo profile), and a warm-up longer than training
+    assert np.allclose(nb.teacher_temperature_schedule(0.04, 0.04, 0, 5), 0.04)
+    short = nb.teacher_temperature_schedule(0.04, 0.07, 30, 10)
+    assert len(short) == 10 and short[0] == pytest.approx(0.04) and short[-1] < 0.07
+
+
+def test_temperature_is_used(nb):
+    """A colder teacher is sharper: the loss changes with the epoch during warm-up."""
+    torch.manual_seed(3)
+    student, teacher = torch.randn(4 * 2, 16), torch.randn(2 * 2, 16)
+    early = make_loss(nb, ncrops=4)(student, teacher, epoch=0)
+    late = make_loss(nb, ncrops=4)(student, teacher, epoch=5)
+    expected_late = reference_loss(student, teacher, torch.zeros(1, 16), 4, 0.1, 0.07)
+    assert torch.allclose(late, expected_late, atol=1e-6) and not torch.allclose(early, late)
+
+
+def test_diagnostics_uniform_teacher_and_identical_distributions(nb):
+    k, batch = 32, 4
+    loss_fn = make_loss(nb, out_dim=k, ncrops=4, warmup=0.1, final=0.1, warmup_epochs=0, nepochs=1)
+    constant = torch.full((2 * batch, k), 0.3)
+    stats = nb.dino_diagnostics(loss_fn, torch.randn(4 * batch, k), constant, epoch=0)
+    assert stats["entropy"] == pytest.approx(math.log(k), abs=1e-5)
+    assert stats["center_norm"] == 0.0
+    # every crop of an image has the same output: student == teacher distribution in every pair
+    torch.manual_seed(4)
+    one_view = torch.randn(batch, k)
+    teacher, student = one_view.repeat(2, 1), one_view.repeat(4, 1)
+    stats = nb.dino_diagnostics(loss_fn, student, teacher, epoch=0)
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert 0 < stats["entropy"] < math.log(k)
+    # diagnostics do not move the centre; KL >= 0 and equals loss - entropy
+    student = torch.randn(4 * batch, k)
+    stats = nb.dino_diagnostics(loss_fn, student, teacher, epoch=0)
+    assert torch.all(loss_fn.center == 0)
+    loss = loss_fn(student, teacher, epoch=0).item()
+    assert stats["kl"] > 0 and stats["kl"] == pytest.approx(loss - stats["entropy"], abs=1e-5)
+    assert nb.dino_diagnostics(loss_fn, student, teacher, 0)["center_norm"] > 0
+
+
+def test_diagnostics_kl_against_direct_pairs(nb):
+    torch.manual_seed(5)
+    k, batch = 8, 3
+    loss_fn = make_loss(nb, out_dim=k, ncrops=3)
+    student, teacher = torch.randn(3 * batch, k), torch.randn(2 * batch, k)
+    p = F.softmax(teacher / 0.04, -1).chunk(2)
+    log_q = F.log_softmax(student / 0.1, -1).chunk(3)
+    kls = [F.kl_div(log_q[v], p[i], reduction="batchmean") for i in range(2) for v in range(3) if v != i]
+    stats = nb.dino_diagnostics(loss_fn, student, teacher, epoch=0)
+    assert stats["kl"] == pytest.approx(torch.stack(kls).mean().item(), rel=1e-4, abs=1e-5)
+    entropy = -(p[0] * p[0].clamp_min(1e-30).log()).sum(-1).mean() / 2 \
+              - (p[1] * p[1].clamp_min(1e-30).log()).sum(-1).mean() / 2
+    assert stats["entropy"] == pytest.approx(entropy.item(), rel=1e-4, abs=1e-5)
+
+
+def test_loss_under_autocast_is_float32(nb):
+    torch.manual_seed(6)
+    loss_fn = make_loss(nb, ncrops=3)
+    student, teacher = torch.randn(6, 16), torch.randn(4, 16)
+    expected = reference_loss(student, teacher, torch.zeros(1, 16), 3, 0.1, 0.04)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(student.bfloat16(), teacher.bfloat16(), epoch=0)
+    assert loss.dtype == torch.float32
+    bf16_expected = reference_loss(student.bfloat16().float(), teacher.bfloat16().float(),
+                                   torch.zeros(1, 16), 3, 0.1, 0.04)
+    assert torch.allclose(loss, bf16_expected, atol=1e-5) and torch.allclose(loss, expected, rtol=0.05)
