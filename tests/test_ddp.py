@@ -1,0 +1,57 @@
+"""The notebook's training code under torchrun: 2 CPU processes (gloo) against one process."""
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LAUNCHER = Path(__file__).resolve().parent / "torchrun_train.py"
+# Deterministic views (whole image, no colour ops, no drop path), so that the only difference between
+# the runs is how the global batch is split over processes.
+SETTINGS = ["patch_size=16", "out_dim=64", "head_hidden_dim=32", "head_bottleneck_dim=16", "n_local_crops=2",
+            "global_crop_scale=(1.0,1.0)", "local_crop_scale=(1.0,1.0)", "crop_ratio=(1.0,1.0)", "flip_p=0.0",
+            "jitter_p=0.0", "grayscale_p=0.0", "blur_p=(0.0,0.0,0.0)", "solarize_p=0.0", "drop_path_rate=0.0",
+            "epochs=2", "warmup_epochs=1", "max_train_images=0", "log_every_steps=1", "eval_every_epochs=1"]
+
+
+def write_imagenet64(root, n_train=32, n_val=8):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for name, n in (("train_data_batch_1", n_train), ("val_data", n_val)):
+        batch = {"data": rng.integers(0, 256, (n, 12288), dtype=np.uint8), "labels": list(rng.integers(1, 5, n))}
+        with open(root / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def launch(tmp_path, run_name, nproc, batch_size):
+    settings = SETTINGS + [f"batch_size={batch_size}", f"run_name={run_name}", f"data_root={tmp_path / 'data'}",
+                           f"cache_dir={tmp_path / 'cache'}", f"checkpoint_dir={tmp_path / 'ck'}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(LAUNCHER), "--profile", "demo", "--max-steps", "3", "--dump-teachers", "--set", *settings]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp_path / "ck" / run_name
+
+
+def test_two_cpu_ranks_match_each_other_and_one_process(nb, tmp_path):
+    write_imagenet64(tmp_path / "data")
+    ddp = launch(tmp_path, "ddp", nproc=2, batch_size=4)
+    single = launch(tmp_path, "single", nproc=1, batch_size=8)
+    rank0, rank1 = (torch.load(ddp / f"teacher_rank{r}.pt", weights_only=True) for r in (0, 1))
+    one = torch.load(single / "teacher_rank0.pt", weights_only=True)
+    # (a) the replicas are identical, bit for bit
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    # (b) they match one process with the same global batch (8) and seed, up to float summation order
+    for k in rank0:
+        torch.testing.assert_close(rank0[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    # the teacher moved in 3 steps, so this is no comparison of two initialisations
+    from torchrun_train import parse_overrides
+    _, initial = nb.build_models(nb.make_config("demo", **parse_overrides(SETTINGS)), torch.device("cpu"))
+    assert any(not torch.allclose(v, rank0[k]) for k, v in initial.state_dict().items())
+    assert torch.load(ddp / "last.pth", weights_only=True)["step"] == 3
+    # only rank 0 wrote the checkpoint and the log
+    assert sorted(p.name for p in ddp.iterdir()) == ["last.pth", "log.jsonl", "teacher_rank0.pt", "teacher_rank1.pt"]

@@ -1,0 +1,188 @@
+"""Schedules, optimiser rules, EMA, checkpoints and exact resume of the training section."""
+import os
+import signal
+import types
+
+import numpy as np
+import pytest
+import torch
+
+
+def tiny_cfg(nb, tmp_path, **kw):
+    base = dict(patch_size=16, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, batch_size=4,
+                n_local_crops=2, max_train_images=0, epochs=2, warmup_epochs=1, checkpoint_dir=str(tmp_path / "ck"),
+                figure_dir=str(tmp_path / "fig"), log_every_steps=1, eval_every_epochs=1, save_every_epochs=1)
+    return nb.make_config("demo", **{**base, **kw})
+
+
+
+class Data:
+    def __init__(self, n=16, seed=0):
+        rng = np.random.default_rng(seed)
+        self.images = rng.integers(0, 256, (n, 3, 64, 64), dtype=np.uint8)
+        self.labels = np.arange(n, dtype=np.int64) % 4
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_cosine_schedule_warmup_endpoints_length(nb):
+    s = nb.cosine_schedule(1.0, 0.1, epochs=10, iters_per_epoch=5, warmup_epochs=2)
+    assert len(s) == 50
+    assert s[0] == 0.0 and s[9] < 1.0 and s[10] == pytest.approx(1.0)          # warm-up ends at base
+    assert np.all(np.diff(s[:10]) > 0) and np.all(np.diff(s[10:]) <= 1e-12)   # rises, then falls
+    assert s[-1] == pytest.approx(0.1, abs=2e-3) and s[-1] >= 0.1   # the reference's cosine stops one step short
+    cfg = nb.make_config("imagenet64")
+    sch = nb.make_schedules(cfg, iters_per_epoch=100)
+    assert sch["lr"][cfg.warmup_epochs * 100] == pytest.approx(cfg.base_lr * cfg.batch_size / 256)
+    assert sch["wd"][0] == pytest.approx(0.04) and sch["wd"][-1] == pytest.approx(0.4, abs=1e-4)
+    assert sch["momentum"][0] == pytest.approx(0.996) and sch["momentum"][-1] == pytest.approx(1.0, abs=1e-6)
+    assert nb.make_schedules(cfg, 100, world_size=8)["lr"][1000] == pytest.approx(8 * sch["lr"][1000])
+
+
+def test_no_weight_decay_for_biases_and_norms(nb, tmp_path):
+    student, _ = nb.build_models(tiny_cfg(nb, tmp_path), torch.device("cpu"))
+    decay, no_decay = nb.param_groups(student)
+    names = {id(p): n for n, p in student.named_parameters()}
+    assert no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert any(names[id(p)].endswith("norm.weight") for p in no_decay["params"])
+    assert any(names[id(p)].endswith("qkv.bias") for p in no_decay["params"])
+    assert {id(p) for p in decay["params"]} | {id(p) for p in no_decay["params"]} == \
+        {id(p) for p in student.parameters() if p.requires_grad}
+
+
+def test_ema_formula(nb):
+    teacher, student = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = weights(teacher)
+    nb.ema_update(teacher, student, 0.9)
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(v, 0.9 * before[k] + 0.1 * student.state_dict()[k])
+
+
+def test_gradients_clipped_per_parameter(nb):
+    model = torch.nn.Linear(4, 3)
+    model.weight.grad = torch.full_like(model.weight, 10.0)   # norm 34.6
+    model.bias.grad = torch.full_like(model.bias, 0.1)        # norm 0.17: left alone
+    norms = nb.clip_gradients(model, 3.0)
+    assert norms[0] == pytest.approx(np.sqrt(12) * 10, rel=1e-5)
+    assert model.weight.grad.norm() == pytest.approx(3.0, rel=1e-4)
+    torch.testing.assert_close(model.bias.grad, torch.full_like(model.bias, 0.1))
+
+
+def test_teacher_starts_as_copy_without_grads_or_drop_path(nb, tmp_path):
+    student, teacher = nb.build_models(tiny_cfg(nb, tmp_path, drop_path_rate=0.2), torch.device("cpu"))
+    for (k, s), t in zip(student.state_dict().items(), teacher.state_dict().values()):
+        assert torch.equal(s, t), k
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert all(b.drop_path.drop_prob == 0 for b in teacher.backbone.blocks)
+    assert student.backbone.blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
+
+
+def test_last_layer_frozen_during_first_epochs(nb, tmp_path):
+    cfg = tiny_cfg(nb, tmp_path, freeze_last_layer=1, norm_last_layer=False)
+    t = nb.DINOTrainer(cfg, 16, torch.device("cpu"))
+    before = weights(t.student)
+    for _ in range(t.iters_per_epoch):
+        nb.train_step(t, torch.from_numpy(Data().images[:4]))
+    after = weights(t.student)
+    last = [k for k in before if "last_layer" in k]
+    assert last and all(torch.equal(before[k], after[k]) for k in last)
+    assert not torch.equal(before["backbone.blocks.0.attn.qkv.weight"], after["backbone.blocks.0.attn.qkv.weight"])
+    nb.train_step(t, torch.from_numpy(Data().images[:4]))   # epoch 1: the last layer learns
+    assert any(not torch.equal(after[k], t.student.state_dict()[k]) for k in last)
+
+
+def test_epoch_batches_shard_the_global_batch(nb):
+    single = nb.epoch_batches(50, 8, epoch=3, seed=1)
+    ranks = [nb.epoch_batches(50, 4, epoch=3, seed=1, rank=r, world_size=2) for r in range(2)]
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == 6
+    for s, a, b in zip(single, *ranks):
+        assert sorted(np.concatenate([a, b])) == sorted(s) and not set(a) & set(b)
+    assert [list(b) for b in single] == [list(b) for b in nb.epoch_batches(50, 8, epoch=3, seed=1)]
+    assert [list(b) for b in single] != [list(b) for b in nb.epoch_batches(50, 8, epoch=4, seed=1)]
+    assert len(nb.epoch_batches(50, 8, 0, 1, limit=20)) == 2
+
+
+def test_resume_is_bit_exact(nb, tmp_path):
+    data = Data()
+    whole, _ = nb.train_dino(tiny_cfg(nb, tmp_path, run_name="whole"), data, data, torch.device("cpu"),
+                             progress=False)
+    assert whole.step == 8
+    cfg = tiny_cfg(nb, tmp_path, run_name="halves")
+    half, _ = nb.train_dino(cfg, data, data, torch.device("cpu"), max_steps=3, progress=False)
+    assert half.step == 3
+    torch.manual_seed(1234)   # whatever ran in between, the checkpoint's RNG states are restored
+    resumed, history = nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
+    assert resumed.step == 8
+    for (k, a), b in zip(whole.teacher.state_dict().items(), resumed.teacher.state_dict().values()):
+        assert torch.equal(a, b), k
+    for (k, a), b in zip(whole.student.state_dict().items(), resumed.student.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert torch.equal(whole.loss.center, resumed.loss.center)
+    assert [r["step"] for r in history if r["kind"] == "step"] == list(range(1, 9))
+    assert (tmp_path / "ck" / "halves" / "epoch_0002.pth").exists()
+
+
+def test_kill_during_save_keeps_previous_checkpoint(nb, tmp_path, monkeypatch):
+    cfg = tiny_cfg(nb, tmp_path)
+    t = nb.DINOTrainer(cfg, 16, torch.device("cpu"))
+    path = tmp_path / "last.pth"
+    nb.save_checkpoint(t, path)
+    good = path.read_bytes()
+    nb.train_step(t, torch.from_numpy(Data().images[:4]))
+
+    def dies_half_way(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        nb.save_checkpoint(t, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
+    assert nb.load_checkpoint(nb.DINOTrainer(cfg, 16, torch.device("cpu")), path) == {}
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(nb, tmp_path):
+    cfg = tiny_cfg(nb, tmp_path)
+    data = Data()
+    t, _ = nb.train_dino(cfg, data, data, torch.device("cpu"), max_steps=2, progress=False)
+    last = tmp_path / "ck" / cfg.run_name / "last.pth"
+    good = last.read_bytes()
+    with torch.no_grad():
+        t.student.backbone.norm.weight.fill_(float("nan"))
+    with pytest.raises(nb.NonFiniteLoss, match=r"step 2 .*loss=nan.*lr="):
+        nb.train_step(t, torch.from_numpy(data.images[:4]))
+    assert last.read_bytes() == good
+
+
+def test_mismatched_checkpoint_is_refused(nb, tmp_path):
+    data = Data()
+    nb.train_dino(tiny_cfg(nb, tmp_path), data, data, torch.device("cpu"), max_steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"last.pth.*out_dim: checkpoint 64 vs config 32"):
+        nb.train_dino(tiny_cfg(nb, tmp_path, out_dim=32), data, data, torch.device("cpu"), progress=False)
+    with pytest.raises(ValueError, match=r"patch_size: checkpoint 16 vs config 8"):
+        nb.train_dino(tiny_cfg(nb, tmp_path, patch_size=8), data, data, torch.device("cpu"), progress=False)
+
+
+def test_interrupt_saves_then_stops_and_resumes(nb, tmp_path, monkeypatch):
+    cfg = tiny_cfg(nb, tmp_path)
+    data = Data()
+    real_step = nb.train_step
+
+    def interrupted_at_step_2(t, images, diagnostics=False):
+        if t.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)   # arrives in the middle of the step
+        return real_step(t, images, diagnostics)
+    monkeypatch.setattr(nb, "train_step", interrupted_at_step_2)
+    with pytest.raises(KeyboardInterrupt, match="step 3"):
+        nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "ck" / cfg.run_name / "last.pth", weights_only=True)
+    assert state["step"] == 3 and state["batch_in_epoch"] == 3
+    t, _ = nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
+    assert t.step == 8
