@@ -7,7 +7,11 @@ NOTEBOOK := dino_vit.ipynb
 EXECUTE := $(BIN)/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1
 PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 
-.PHONY: setup demo test notebook bench clean
+.PHONY: setup demo test notebook bench torchrun clean
+
+NPROC ?= 1
+PROFILE ?= imagenet64
+SET ?=
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +36,11 @@ notebook: setup
 ## bench: every benchmark in tests/benchmarks/, with its figures
 bench: setup
 	$(BIN)/python tests/benchmarks/run_all.py
+
+## torchrun: train with the notebook's code on NPROC processes (GPUs: NCCL; CPUs: gloo)
+##   make torchrun NPROC=8 PROFILE=imagenet64 SET="data_root=/data/imagenet64 batch_size=128"
+torchrun: setup
+	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) tests/torchrun_train.py --profile $(PROFILE) --set $(SET)
 
 clean:
 	rm -rf build data/cache data/embedded
