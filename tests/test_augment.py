@@ -196,7 +196,9 @@ def test_whole_pipeline_matches_torchvision_chain(nb, cfg):
     g = torch.Generator().manual_seed(0)
     images = float_images(6, seed=1)
     size, blur_size = cfg.local_crop_size, nb.blur_kernel_size(cfg)
-    params = nb.sample_view_params(cfg, g, 4, 6, (64, 64), cfg.local_crop_scale, [0.5] * 4, [0.5] * 4)
+    uniforms = torch.rand(4, 6, nb.UNIFORMS_PER_VIEW, generator=g)
+    half = nb.per_view([0.5] * 4, "cpu")
+    params = nb.view_params(cfg, uniforms, (64, 64), cfg.local_crop_scale, half, half)
     ours = nb.augment_views(images, params, size, cfg, blur_size)
     errors = []
     for v in range(4):
@@ -224,7 +226,9 @@ def test_sampled_probabilities_and_ranges(nb):
     cfg = nb.make_config("imagenet64")
     g = torch.Generator().manual_seed(0)
     n = 20_000
-    params = nb.sample_view_params(cfg, g, 2, n, (64, 64), cfg.global_crop_scale, cfg.blur_p[:2], (0.0, cfg.solarize_p))
+    n_views, _, scale, blur_p, solarize_p = nb.MultiCropAugmentation(cfg, device="cpu").view_groups[0]  # global crops
+    uniforms = torch.rand(n_views, n, nb.UNIFORMS_PER_VIEW, generator=g)
+    params = nb.view_params(cfg, uniforms, (64, 64), scale, blur_p, solarize_p)
 
     def rate_ok(mask, p):
         return abs(mask.float().mean().item() - p) <= 5 * math.sqrt(p * (1 - p) / mask.numel()) + 1e-9
