@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.requirements-installed
 NOTEBOOK := dino_vit.ipynb
-EXECUTE := $(BIN)/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1
+EXECUTE := $(BIN)/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1 \
+	--ExecutePreprocessor.record_timing=False
+TIDY := $(BIN)/python tests/tidy_notebook.py
 PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 
 .PHONY: setup demo test notebook bench torchrun clean
@@ -23,15 +25,17 @@ setup: $(STAMP)
 ## demo: execute the notebook headless on its default profile (figures go to figures/)
 demo: setup
 	$(EXECUTE) --output-dir build --output $(NOTEBOOK) $(NOTEBOOK)
+	$(TIDY) build/$(NOTEBOOK)
 	@echo "executed copy: build/$(NOTEBOOK); figures: figures/"
 
 ## test: nbval re-executes the notebook (checked cells compared) and the unit tests run
 test: setup
 	$(PYTEST) --nbval-lax --sanitize-with tests/sanitize.cfg $(NOTEBOOK) tests/
 
-## notebook: re-execute the notebook in place, as it is committed
+## notebook: re-execute the notebook in place, as it is committed (progress bars end as one line each)
 notebook: setup
 	$(EXECUTE) --inplace $(NOTEBOOK)
+	$(TIDY) $(NOTEBOOK)
 
 ## bench: every benchmark in tests/benchmarks/, with its figures
 bench: setup
