@@ -3,6 +3,7 @@ the Setup cells and the definitions (`#| export` cells) above it; settings chang
 mix runs; a cell that fails leaves the cells after it a clear error, not a stale object."""
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,106 @@ def test_a_section_needs_only_the_definitions_above_it(title, shared_dirs, tmp_p
             kernel.run_ok(src)
     finally:
         kernel.close()
+
+
+def section_cells(title, until=None):
+    """The code cells of a section, up to and including the first one that contains `until`."""
+    cells = []
+    for src in dict(SECTIONS)[title]:
+        cells.append(src)
+        if until and until in src:
+            return cells
+    assert until is None, f"no cell of section {title!r} contains {until!r}"
+    return cells
+
+
+TRAIN_CELL = "train_dino(cfg, train_set"
+
+
+def start_training_kernel(overrides):
+    """A fresh kernel with Setup, the definitions above Training, and Training up to its train cell
+    (not run: returned), so that a test decides how the train cell runs."""
+    kernel = start_with_setup(overrides)
+    run_definitions_above(kernel, "Training")
+    *before, train_cell = section_cells("Training", until=TRAIN_CELL)
+    for src in before:
+        kernel.run_ok(src)
+    return kernel, train_cell
+
+
+def teacher_tensors(run_dir):
+    return torch.load(Path(run_dir) / "teacher.pth", map_location="cpu", weights_only=True)
+
+
+def file_hashes(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def interrupted_and_straight_runs(shared_dirs, tmp_path_factory):
+    """The same small run twice: once straight through, once interrupted (Jupyter's stop button) at
+    its second logged step and then re-run. The interrupted kernel stays up for the tests below."""
+    straight_root, interrupted_root = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("interrupted")
+    straight, train_cell = start_training_kernel(small_overrides(shared_dirs, straight_root))
+    straight.run_ok(train_cell)
+    straight.close()
+
+    kernel, train_cell = start_training_kernel(small_overrides(shared_dirs, interrupted_root))
+    log = interrupted_root / "checkpoints" / "demo" / "log.jsonl"
+    msg_id = kernel.client.execute(train_cell)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (log.exists() and log.read_text().count('"kind": "step"') >= 2):
+        time.sleep(0.2)
+    kernel.manager.interrupt_kernel()
+    reply = kernel.client.get_shell_msg(timeout=600)
+    while reply["parent_header"].get("msg_id") != msg_id:
+        reply = kernel.client.get_shell_msg(timeout=600)
+    interrupted_at = reply["content"].get("evalue", "")
+    resumed = kernel.run_ok(train_cell)
+    yield dict(kernel=kernel, train_cell=train_cell, interrupted_at=interrupted_at, resumed=resumed,
+               straight=straight_root / "checkpoints" / "demo", interrupted=interrupted_root / "checkpoints" / "demo",
+               root=interrupted_root)
+    kernel.close()
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(interrupted_and_straight_runs):
+    runs = interrupted_and_straight_runs
+    assert "interrupted at step" in runs["interrupted_at"]
+    assert "resuming from" in runs["resumed"]
+    straight, resumed = teacher_tensors(runs["straight"]), teacher_tensors(runs["interrupted"])
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]
+    read = lambda d: [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+    assert strip(read(runs["straight"])) == strip(read(runs["interrupted"]))
+
+
+def test_a_changed_batch_size_starts_a_new_run_and_leaves_the_old_one_untouched(interrupted_and_straight_runs):
+    runs = interrupted_and_straight_runs
+    kernel, old_dir = runs["kernel"], runs["interrupted"]
+    before = file_hashes(old_dir)
+    kernel.run_ok('cfg = make_config(profile, **{**overrides, "batch_size": 8})')
+    printed = kernel.run_ok(runs["train_cell"])
+    assert file_hashes(old_dir) == before
+    new_dirs = [d for d in old_dir.parent.iterdir() if d.name.startswith("demo-")]
+    assert len(new_dirs) == 1 and new_dirs[0].name in printed
+    assert json.loads((new_dirs[0] / "settings.json").read_text())["batch_size"] == 8
+    assert (new_dirs[0] / "teacher.pth").exists()
+    kernel.run_ok("cfg = make_config(profile, **overrides)")
+
+
+def test_a_refused_checkpoint_leaves_the_next_cell_a_clear_error(interrupted_and_straight_runs):
+    kernel = interrupted_and_straight_runs["kernel"]
+    run_definitions_above(kernel, "Evaluation")
+    evaluation = section_cells("Evaluation")
+    load_cell = next(src for src in evaluation if "trained_teacher(cfg, device)" in src)
+    next_cell = next(src for src in evaluation[evaluation.index(load_cell) + 1:]
+                     if "teacher_backbone" in src and not src.lstrip().startswith(EXPORT_MARK))
+    kernel.run_ok(load_cell)  # the demo checkpoint fits the demo profile
+    kernel.run_ok('cfg = make_config(profile, **{**overrides, "arch": "vit_small"})')
+    error, _ = kernel.run(load_cell)
+    assert error is not None and "does not fit" in error
+    error, _ = kernel.run(next_cell)
+    assert error is not None and "no teacher loaded" in error
+    kernel.run_ok("cfg = make_config(profile, **overrides)")
