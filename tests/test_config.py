@@ -1,0 +1,92 @@
+"""Settings are checked where they are made: the error names the field, the value and what is allowed."""
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from torchrun_train import parse_overrides
+
+BAD = [  # (override, words the error must hold)
+    (dict(batch_size=0), "batch_size=0: must be > 0"),
+    (dict(patch_size=0), "patch_size=0: must be > 0"),
+    (dict(img_size=60), "img_size=60: must be a multiple of patch_size=8"),
+    (dict(global_crop_size=60), "global_crop_size=60: must be a multiple of patch_size=8"),
+    (dict(local_crop_size=36), "local_crop_size=36: must be a multiple of patch_size=8"),
+    (dict(local_crop_scale=(1.5, 2)), r"local_crop_scale=\(1.5, 2\): must be in \(0, 1\]"),
+    (dict(global_crop_scale=(1.0, 0.4)), r"global_crop_scale=\(1.0, 0.4\): must be \(low, high\)"),
+    (dict(crop_ratio=(1.0,)), "crop_ratio.*tuple of 2 numbers"),
+    (dict(momentum_teacher=5), r"momentum_teacher=5: must be in \[0, 1\]"),
+    (dict(drop_path_rate=1.5), r"drop_path_rate=1.5: must be in \[0, 1\)"),
+    (dict(base_lr=-1e-3), "base_lr=-0.001: must be > 0"),
+    (dict(min_lr=float("nan")), "min_lr=nan: must be a finite float"),
+    (dict(n_local_crops=-1), "n_local_crops=-1: must be >= 0"),
+    (dict(batch_size="64"), "batch_size='64': must be a finite int, not a str"),
+    (dict(batch_size=True), "batch_size=True: must be a finite int, not a bool"),
+    (dict(epochs=2.0), "epochs=2.0: must be a finite int, not a float"),
+    (dict(amp=1), "amp=1: must be a bool, not a int"),
+    (dict(val_fraction=0.0), r"val_fraction=0.0: must be in \(0, 1\)"),
+    (dict(val_fraction=1), r"val_fraction=1: must be in \(0, 1\)"),
+    (dict(arch="vit_huge"), "arch='vit_huge': must be one of"),
+    (dict(device="gpu"), "device='gpu'"),
+    (dict(run_name="../elsewhere"), "run_name='../elsewhere': must be a plain name"),
+    (dict(run_name="/tmp/x"), "run_name='/tmp/x': must be a plain name"),
+    (dict(run_name="a/b"), "run_name='a/b': must be a plain name"),
+    (dict(run_name=""), "run_name='': must be a plain name"),
+    (dict(run_name=".."), "run_name='..': must be a plain name"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD, ids=[next(iter(o)) + "=" + repr(next(iter(o.values())))
+                                                       for o, _ in BAD])
+def test_bad_settings_fail_where_they_are_made(nb, override, message):
+    with pytest.raises(nb.ConfigError, match=message):
+        nb.make_config("demo", **override)
+    with pytest.raises(nb.ConfigError, match=message):
+        dataclasses.replace(nb.make_config("demo"), **override)
+
+
+def test_every_profile_is_valid_and_good_values_pass(nb):
+    for profile in nb.PROFILES:
+        nb.make_config(profile)
+    cfg = nb.make_config("demo", local_crop_scale=[0.1, 0.3], base_lr=1, val_fraction=0.5, run_name="run-2.b_c")
+    assert cfg.local_crop_scale == (0.1, 0.3) and cfg.base_lr == 1
+    assert set(nb.CONFIG_ARCHS) == set(nb.VIT_ARCHS)   # the check knows every architecture the ViT section builds
+
+
+def test_assignment_is_checked_and_leaves_the_config_as_it_was(nb):
+    cfg = nb.make_config("demo")
+    with pytest.raises(nb.ConfigError, match="batch_size=0"):
+        cfg.batch_size = 0
+    with pytest.raises(nb.ConfigError, match="img_size=64: must be a multiple of patch_size=7"):
+        cfg.patch_size = 7
+    assert cfg.batch_size == 16 and cfg.patch_size == 8 and cfg == nb.make_config("demo")
+    cfg.compile = True
+    assert cfg.compile is True
+
+
+def test_command_line_overrides_are_checked(nb):
+    with pytest.raises(nb.ConfigError, match="batch_size='many': must be a finite int"):
+        nb.make_config("demo", **parse_overrides(["batch_size=many"]))
+    with pytest.raises(nb.ConfigError, match="must be a plain name"):
+        nb.make_config("demo", **parse_overrides(["run_name=../../etc"]))
+    script = Path(__file__).resolve().parent / "torchrun_train.py"
+    done = subprocess.run([sys.executable, str(script), "--profile", "demo", "--set", "patch_size=0"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "Config.patch_size=0: must be > 0" in done.stderr
+
+
+def test_figure_names_stay_in_the_figure_folder(nb, tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cfg = nb.make_config("demo", figure_dir=str(tmp_path / "figures"))
+    fig = plt.figure(figsize=(1, 1))
+    for name in ("../outside", "/tmp/abs", "", "a/b"):
+        with pytest.raises(nb.ConfigError, match="figure name"):
+            nb.save_figure(fig, cfg, name)
+    assert nb.save_figure(fig, cfg, "fine_name") == tmp_path / "figures" / "fine_name.png"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["figures", "fine_name.png"]
+    plt.close(fig)
