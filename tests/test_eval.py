@@ -208,3 +208,26 @@ def test_standardize_uses_train_statistics(nb):
     assert torch.allclose(train_std.mean(0), torch.zeros(4), atol=1e-5)
     assert torch.allclose(train_std.std(0), torch.ones(4), atol=1e-4)
     assert torch.allclose(val_std, (val - train.mean(0)) / (train.std(0) + 1e-6))
+
+
+@pytest.mark.parametrize("arch,width", [("vit_tiny", 4 * 192), ("vit_small", 4 * 384), ("vit_base", 2 * 768)])
+def test_probe_features_follow_the_reference_protocol_per_architecture(nb, arch, width):
+    """eval_linear.py: ViT-S the CLS tokens of the last 4 blocks, ViT-B the last CLS + mean patch token."""
+    torch.manual_seed(0)
+    model = nb.build_backbone(nb.make_config("demo", arch=arch, patch_size=16, img_size=32))
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    settings = nb.probe_feature_settings(arch)
+    assert settings == ({"n_last_blocks": 1, "avgpool": True} if arch == "vit_base"
+                        else {"n_last_blocks": 4, "avgpool": False})
+    feats = nb.extract_features(model, images, **settings)
+    assert feats.shape == (3, width) and width == model.embed_dim * (settings["n_last_blocks"] + settings["avgpool"])
+    cls = nb.last_cls_token(feats, model.embed_dim, **settings)
+    torch.testing.assert_close(cls, nb.extract_features(model, images), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        blocks = model.eval().get_intermediate_layers(nb.normalize_uint8(torch.from_numpy(images)), 4)
+    if settings["avgpool"]:
+        torch.testing.assert_close(feats[:, model.embed_dim:], blocks[-1][:, 1:].mean(1), rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(feats, torch.cat([b[:, 0] for b in blocks], 1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="width"):
+        nb.last_cls_token(feats[:, :-1], model.embed_dim, **settings)

@@ -30,23 +30,39 @@ def weights(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_cosine_schedule_warmup_endpoints_length(nb):
-    s = nb.cosine_schedule(1.0, 0.1, epochs=10, iters_per_epoch=5, warmup_epochs=2)
+def reference_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
+    """The formula of the authors' utils.cosine_scheduler: warm-up by np.linspace, endpoint included."""
+    warmup_iters = warmup_epochs * niter_per_ep
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_epochs > 0 else np.array([])
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    return np.concatenate((warmup, final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))))
+
+
+@pytest.mark.parametrize("args", [(1.0, 0.1, 10, 5, 2), (5e-4, 1e-6, 100, 7, 10, 1e-5), (0.04, 0.4, 3, 4, 0),
+                                  (0.9995, 1.0, 2, 3)])
+def test_cosine_scheduler_equals_the_reference_formula(nb, args):
+    ours, theirs = nb.cosine_scheduler(*args), reference_cosine_scheduler(*args)
+    assert len(ours) == len(theirs) == args[2] * args[3]
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_cosine_scheduler_warmup_endpoints_length(nb):
+    s = nb.cosine_scheduler(1.0, 0.1, epochs=10, niter_per_ep=5, warmup_epochs=2)
     assert len(s) == 50
-    assert s[0] == 0.0 and s[9] < 1.0 and s[10] == pytest.approx(1.0)          # warm-up ends at base
+    assert s[0] == 0.0 and s[9] == 1.0 and s[10] == 1.0          # the warm-up's last step reaches the base
     assert np.all(np.diff(s[:10]) > 0) and np.all(np.diff(s[10:]) <= 1e-12)   # rises, then falls
     assert s[-1] == pytest.approx(0.1, abs=2e-3) and s[-1] >= 0.1   # the reference's cosine stops one step short
     cfg = nb.make_config("imagenet64")
     sch = nb.make_schedules(cfg, iters_per_epoch=100)
-    assert sch["lr"][cfg.warmup_epochs * 100] == pytest.approx(cfg.base_lr * cfg.batch_size / 256)
+    assert sch["lr"][cfg.warmup_epochs * 100 - 1] == pytest.approx(cfg.base_lr * cfg.batch_size / 256)
     assert sch["wd"][0] == pytest.approx(0.04) and sch["wd"][-1] == pytest.approx(0.4, abs=1e-4)
-    assert sch["momentum"][0] == pytest.approx(0.996) and sch["momentum"][-1] == pytest.approx(1.0, abs=1e-6)
+    assert sch["momentum"][0] == pytest.approx(cfg.momentum_teacher) and sch["momentum"][-1] == pytest.approx(1.0, abs=1e-6)
     assert nb.make_schedules(cfg, 100, world_size=8)["lr"][1000] == pytest.approx(8 * sch["lr"][1000])
 
 
 def test_no_weight_decay_for_biases_and_norms(nb, tmp_path):
     student, _ = nb.build_models(tiny_cfg(nb, tmp_path), torch.device("cpu"))
-    decay, no_decay = nb.param_groups(student)
+    decay, no_decay = nb.get_params_groups(student)
     names = {id(p): n for n, p in student.named_parameters()}
     assert no_decay["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in decay["params"])
