@@ -114,6 +114,32 @@ def test_pos_embed_resizes_height_and_width_separately(nb):
     assert torch.allclose(constant, torch.ones_like(constant), atol=1e-5)
 
 
+def reference_interpolation(pos_embed, grid_h, grid_w):
+    """DINO's interpolate_pos_encoding arguments: scale factor (grid + 0.1) / sqrt(N), bicubic."""
+    n_pos, dim = pos_embed.shape[1] - 1, pos_embed.shape[-1]
+    n = int(math.sqrt(n_pos))
+    grid = nn.functional.interpolate(pos_embed[:, 1:].reshape(1, n, n, dim).permute(0, 3, 1, 2),
+                                     scale_factor=((grid_h + 0.1) / math.sqrt(n_pos), (grid_w + 0.1) / math.sqrt(n_pos)),
+                                     mode="bicubic")
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (5, 11), (3, 13), (16, 16), (28, 28), (7, 9)])
+def test_pos_embed_follows_the_reference_rule(nb, grid):
+    pos = torch.randn(1, 1 + 8 * 8, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(nb.resize_pos_embed(pos, *grid), reference_interpolation(pos, *grid))
+    by_size = nn.functional.interpolate(pos[:, 1:].reshape(1, 8, 8, 6).permute(0, 3, 1, 2), size=grid, mode="bicubic")
+    assert (nb.resize_pos_embed(pos, *grid)[:, 1:] - by_size.permute(0, 2, 3, 1).reshape(1, -1, 6)).abs().max() > 1e-3
+
+
+def test_model_uses_the_reference_rule_at_every_size(nb, tiny):
+    for height, width in [(16, 16), (40, 24), (32, 36)]:       # (32, 36): native 4x4 grid, not square
+        images = torch.randn(1, 3, height, width)
+        tokens = torch.cat([tiny.cls_token, tiny.patch_embed(images)], dim=1)
+        expected = tokens + reference_interpolation(tiny.pos_embed, height // PATCH, width // PATCH)
+        assert torch.equal(tiny.prepare_tokens(images), expected)
+
+
 # ---------------------------------------------------------------- stochastic depth
 
 def test_drop_path_per_sample_and_identity_in_eval(nb):

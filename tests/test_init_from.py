@@ -1,0 +1,86 @@
+"""cfg.init_from: student and teacher start from a DINO, DINOv2 or own file, position table resized to the
+run's grid by the model's own rule, the file's head when it fits, clear errors when the file does not fit."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+HEAD = dict(out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16)   # the demo profile is vit_tiny/8 at 64 px
+
+
+def config(nb, path, **overrides):
+    return nb.make_config("demo", init_from=str(path), **{**HEAD, **overrides})
+
+
+def random_file_weights(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.05)
+    return model.state_dict()
+
+
+def dino_interpolation(pos_embed, grid):
+    n = math.isqrt(pos_embed.shape[1] - 1)
+    resized = nn.functional.interpolate(pos_embed[:, 1:].reshape(1, n, n, -1).permute(0, 3, 1, 2),
+                                        scale_factor=((grid + 0.1) / n,) * 2, mode="bicubic")
+    return torch.cat([pos_embed[:, :1], resized.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
+
+
+def test_dino_release_backbone_starts_both_networks(nb, tmp_path, capsys):
+    state = random_file_weights(nb.vit_tiny(patch_size=8, img_size=224), seed=1)   # a 28x28 table, no head
+    torch.save(state, tmp_path / "dino_deittiny8_pretrain.pth")
+    student, teacher = nb.build_models(config(nb, tmp_path / "dino_deittiny8_pretrain.pth"), torch.device("cpu"))
+    assert capsys.readouterr().out.count("head starts fresh") == 1
+    loaded = student.backbone.state_dict()
+    assert torch.equal(loaded["pos_embed"], dino_interpolation(state["pos_embed"], 8))    # 224 px -> 64 px
+    assert all(torch.equal(loaded[k], v) for k, v in state.items() if k != "pos_embed")
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), student.state_dict().values()))
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    assert student.backbone.blocks[-1].drop_path.drop_prob > 0 and teacher.backbone.blocks[-1].drop_path.drop_prob == 0
+    crops = [torch.randn(2, 3, 64, 64)] * 2 + [torch.randn(2, 3, 32, 32)] * 2
+    assert student(crops).shape == (8, HEAD["out_dim"])
+
+
+def test_own_checkpoint_brings_its_head(nb, tmp_path, capsys):
+    source, _ = nb.build_models(nb.make_config("demo", seed=7, **HEAD), torch.device("cpu"))
+    random_file_weights(source, seed=2)
+    torch.save({"teacher": source.state_dict(), "student": source.state_dict(), "epoch": 3},
+               tmp_path / "last.pth")
+    student, teacher = nb.build_models(config(nb, tmp_path / "last.pth"), torch.device("cpu"))
+    assert "head starts fresh" not in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), source.state_dict().values()))
+    other_head, _ = nb.build_models(config(nb, tmp_path / "last.pth", out_dim=32), torch.device("cpu"))
+    assert capsys.readouterr().out.count("head starts fresh") == 1     # head of another shape: fresh
+    assert torch.equal(other_head.backbone.pos_embed, source.backbone.pos_embed)
+
+
+def test_dinov2_file_brings_patch_14_registers_and_layerscale(nb, tmp_path, capsys):
+    release = nb.VisionTransformer(518, 14, embed_dim=192, depth=12, num_heads=3, num_register_tokens=4,
+                                   layerscale_init=1.0)
+    state = random_file_weights(release, seed=3)
+    torch.save({**state, "mask_token": torch.zeros(1, 192)}, tmp_path / "dinov2_vitt14_reg4_pretrain.pth")
+    student, teacher = nb.build_models(config(nb, tmp_path / "dinov2_vitt14_reg4_pretrain.pth"), torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert "WARNING" in out and "patch 14" in out and "cfg.patch_size=8" in out
+    backbone = student.backbone
+    assert (backbone.patch_size, backbone.num_register_tokens) == (14, 4)
+    assert torch.equal(backbone.blocks[3].ls2.gamma, state["blocks.3.ls2.gamma"])
+    expected_pos = nn.functional.interpolate(state["pos_embed"][:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2),
+                                             size=(4, 4), mode="bicubic", antialias=True)   # 64 // 14 = 4
+    assert torch.allclose(backbone.pos_embed[:, 1:], expected_pos.permute(0, 2, 3, 1).reshape(1, 16, -1))
+    assert torch.equal(teacher.backbone.register_tokens, state["register_tokens"])
+    with torch.no_grad():
+        assert teacher.backbone.get_last_selfattention(torch.randn(1, 3, 64, 64)).shape[-1] == 1 + 4 + 16
+
+
+def test_a_file_that_does_not_fit_names_path_and_difference(nb, tmp_path):
+    torch.save(random_file_weights(nb.vit_small(patch_size=8, img_size=224), 4), tmp_path / "small8.pth")
+    with pytest.raises(ValueError, match=r"small8\.pth.*embed_dim 384 in the file vs 192.*num_heads 6"):
+        nb.build_models(config(nb, tmp_path / "small8.pth"), torch.device("cpu"))
+    torch.save(random_file_weights(nb.vit_tiny(patch_size=16, img_size=224), 5), tmp_path / "tiny16.pth")
+    with pytest.raises(ValueError, match=r"tiny16\.pth.*patch_size 16 in the file vs 8"):
+        nb.build_models(config(nb, tmp_path / "tiny16.pth"), torch.device("cpu"))
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        nb.build_models(config(nb, tmp_path / "nowhere.pth"), torch.device("cpu"))
