@@ -283,3 +283,45 @@ def test_load_datasets_picks_the_folder_at_cfg_img_size(nb, tmp_path, capsys):
     (tmp_path / "i64" / "val_data").write_bytes(b"")
     with pytest.raises(nb.DataError, match="img_size=32"):
         nb.load_datasets(nb.make_config("demo", data_root=str(tmp_path / "i64"), img_size=32))
+
+
+# --- your own files --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_vit(nb):
+    import torch
+    torch.manual_seed(0)
+    return nb.vit_tiny(patch_size=8, img_size=16).eval()
+
+
+def test_export_features_of_a_folder_and_of_files(nb, tmp_path, small_vit):
+    import torch
+    for c in ("a", "b"):
+        for i in range(3):
+            write_png(tmp_path / "f" / c / f"{i}.png", asymmetric(20 + 4 * i, 30, seed=i + (c == "b") * 7))
+    (tmp_path / "f" / "b" / "broken.jpg").write_bytes(b"\xff\xd8")
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        out = nb.export_features(small_vit, tmp_path / "f", tmp_path / "out", workers=1)
+    features = np.load(out / "features.npy")
+    files = json.loads((out / "files.json").read_text())
+    assert features.shape == (6, 192) and features.dtype == np.float32 and len(files) == 6
+    assert np.load(out / "labels.npy").tolist() == [0, 0, 0, 1, 1, 1]
+    assert json.loads((out / "classes.json").read_text()) == ["a", "b"]
+    square = torch.from_numpy(np.array(nb.load_square(files[4], 16)[None]))  # native size 16 from pos_embed
+    expected = nb.extract_features(small_vit, square)[0].numpy()
+    assert np.abs(features[4] - expected).max() < 1e-4
+    out2 = nb.export_features(small_vit, [files[4], files[0]], tmp_path / "out2", workers=1)
+    np.testing.assert_allclose(np.load(out2 / "features.npy"), features[[4, 0]], atol=1e-5)
+    assert not (out2 / "labels.npy").exists()
+
+
+def test_attention_rows_for_files_of_any_size_and_aspect(nb, tmp_path, small_vit):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(asymmetric(40, 100)).save(tmp_path / "wide.png", exif=exif)  # shown 100 x 40
+    write_png(tmp_path / "small.png", asymmetric(17, 23))
+    rows = nb.attention_rows_for_files(small_vit, [tmp_path / "wide.png", tmp_path / "small.png"], 0.6,
+                                       max_side=50)
+    (shown, heats, masks), (small, _, _) = rows
+    assert shown.shape == (48, 16, 3) and len(heats) == 1 + 3 and heats[0].shape == (48, 16)
+    assert small.shape == (16, 16, 3)
