@@ -1,0 +1,327 @@
+"""Folders of images: faithful decoding, links, the held-out split, image size, limits, parallel build."""
+import json
+import os
+import struct
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def asymmetric(h=24, w=40, seed=0):
+    """A uint8 RGB image where any flip, rotation or channel swap shows."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    image[:4, :8] = (255, 0, 0)
+    return image
+
+
+def write_png(path, image):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return path
+
+
+def png_declaring(path, width, height):
+    """A few-hundred-byte PNG whose header declares width x height 1-bit pixels."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b""))
+    return path
+
+
+# --- decoding as a viewer shows the image -------------------------------------------------------
+
+@pytest.mark.parametrize("array, suffix, expected", [
+    (np.array([[0, 32768, 65535]], np.uint16), ".png", [0, 128, 255]),                  # I;16
+    (np.array([[0, 32768, 65535]], ">u2"), ".tif", [0, 128, 255]),                       # I;16B
+    (np.array([[0, 32768, 65535]], np.int32), ".tif", [0, 128, 255]),                    # I, 16-bit values
+    (np.array([[-100, 0, 900]], np.int32), ".tif", [0, 26, 255]),                       # I, beyond 16 bits
+    (np.array([[0.0, 0.5, 1.0]], np.float32), ".tif", [0, 128, 255]),                   # F in 0..1
+    (np.array([[-2.0, 0.0, 6.0]], np.float32), ".tif", [0, 64, 255]),                   # F, any range
+])
+def test_high_bit_depth_is_scaled_not_clipped(nb, tmp_path, array, suffix, expected):
+    path = tmp_path / f"x{suffix}"
+    Image.fromarray(array).save(path)
+    assert Image.open(path).mode in ("I;16", "I;16B", "I", "F")
+    rgb = nb.load_image(path)
+    assert rgb.dtype == np.uint8 and rgb.shape == (1, 3, 3)
+    np.testing.assert_array_equal(rgb[0, :, 0], expected)
+    np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])  # grey stays grey
+
+
+def test_alpha_is_composited_on_white(nb, tmp_path):
+    assert nb.ALPHA_BACKGROUND == (255, 255, 255)
+    rgba = np.array([[[200, 0, 0, 0], [200, 0, 0, 255], [0, 0, 200, 128]]], np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    got = nb.load_image(tmp_path / "rgba.png")[0].astype(int)
+    np.testing.assert_array_equal(got[0], [255, 255, 255])        # transparent: the background
+    np.testing.assert_array_equal(got[1], [200, 0, 0])            # opaque: unchanged
+    assert np.abs(got[2] - [127, 127, 227]).max() <= 1           # half: the mix
+    Image.fromarray(np.array([[[0, 0], [0, 255]]], np.uint8), "LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(nb.load_image(tmp_path / "la.png")[0], [[255] * 3, [0] * 3])
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([10, 20, 30, 40, 50, 60] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    palette.save(tmp_path / "p.png", transparency=0)
+    np.testing.assert_array_equal(nb.load_image(tmp_path / "p.png")[0], [[255] * 3, [40, 50, 60]])
+    palette.save(tmp_path / "opaque.gif")
+    np.testing.assert_array_equal(nb.load_image(tmp_path / "opaque.gif")[0], [[10, 20, 30], [40, 50, 60]])
+
+
+def test_cmyk_greyscale_and_bilevel_become_rgb(nb, tmp_path):
+    Image.new("CMYK", (2, 2), (0, 255, 255, 0)).save(tmp_path / "c.tif")
+    np.testing.assert_array_equal(nb.load_image(tmp_path / "c.tif")[0, 0], [255, 0, 0])
+    Image.fromarray(np.array([[0, 77, 255]], np.uint8)).save(tmp_path / "l.png")
+    np.testing.assert_array_equal(nb.load_image(tmp_path / "l.png")[0], [[0] * 3, [77] * 3, [255] * 3])
+    Image.fromarray(np.array([[True, False]])).save(tmp_path / "b.png")
+    assert Image.open(tmp_path / "b.png").mode == "1"
+    np.testing.assert_array_equal(nb.load_image(tmp_path / "b.png")[0], [[255] * 3, [0] * 3])
+
+
+def test_exif_orientation_is_applied(nb, tmp_path):
+    image = asymmetric()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    Image.fromarray(image).save(tmp_path / "phone.png", exif=exif)
+    shown = nb.load_image(tmp_path / "phone.png")
+    np.testing.assert_array_equal(shown, np.rot90(image, k=-1))
+    square = nb.load_square(tmp_path / "phone.png", 24)  # short side is the stored height 24
+    np.testing.assert_array_equal(square.transpose(1, 2, 0), np.rot90(image, k=-1)[8:32])
+
+
+def test_short_side_resize_and_centre_crop(nb, tmp_path):
+    image = asymmetric(40, 100)
+    write_png(tmp_path / "wide.png", image)
+    got = nb.load_square(tmp_path / "wide.png", 20)
+    expected = np.asarray(Image.fromarray(image[:, 30:70]).resize((20, 20), Image.BICUBIC))
+    assert got.shape == (3, 20, 20)
+    error = np.abs(got.transpose(1, 2, 0).astype(int) - expected)
+    assert error[:, 2:-2].max() <= 1  # near the crop's left and right edges the filter sees the pixels beyond
+
+
+def test_jpeg_draft_keeps_quality(nb, tmp_path):
+    """Decoding a JPEG at reduced scale, then the antialiased resize, against decoding it in full."""
+    import skimage.data
+    Image.fromarray(skimage.data.astronaut()).resize((1024, 768)).save(tmp_path / "a.jpg", quality=92)
+    fast = nb.load_square(tmp_path / "a.jpg", 64).astype(float)
+    with Image.open(tmp_path / "a.jpg") as im:
+        full = np.asarray(im.convert("RGB").resize((64, 64), Image.BICUBIC, box=(128, 0, 896, 768)))
+    error = np.abs(fast - full.transpose(2, 0, 1))
+    assert error.mean() < 1.5 and np.percentile(error, 99) < 12, (error.mean(), np.percentile(error, 99))
+
+
+# --- limits and bad files ------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decompression_bombs_and_broken_files_are_skipped_and_named(nb, tmp_path):
+    folder = tmp_path / "f"
+    for i in range(4):
+        write_png(folder / "cat" / f"{i}.png", asymmetric(seed=i))
+        write_png(folder / "dog" / f"{i}.png", asymmetric(seed=10 + i))
+    png_declaring(folder / "cat" / "bomb240mp.png", 20000, 12000)   # past PIL's own error threshold
+    png_declaring(folder / "dog" / "bomb150mp.png", 12500, 12000)   # past MAX_IMAGE_PIXELS only
+    assert (folder / "cat" / "bomb240mp.png").stat().st_size < 1000
+    (folder / "dog" / "notes.jpg").write_text("not an image")
+    jpeg = folder / "dog" / "cut.jpg"
+    Image.fromarray(asymmetric(64, 64)).save(jpeg)
+    jpeg.write_bytes(jpeg.read_bytes()[:300])
+    paths, labels, classes = nb.list_image_folder(folder)
+    assert len(paths) == 12 and classes == ["cat", "dog"]
+    with pytest.warns(UserWarning) as caught:
+        chunks = list(nb.read_image_folder(paths, labels, size=16, workers=1))
+    message = "\n".join(str(w.message) for w in caught if "unreadable" in str(w.message))
+    assert "skipped 4 unreadable image(s) of 12" in message and "bomb240mp.png" in message
+    assert sum(len(x) for x, _ in chunks) == 8
+    with pytest.raises(Exception, match="MAX_IMAGE_PIXELS=100,000,000"):
+        nb.load_image(folder / "dog" / "bomb150mp.png")
+    assert nb.MAX_IMAGE_PIXELS == 100_000_000
+
+
+def test_a_folder_without_usable_images_is_an_error_naming_it(nb, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images")
+    with pytest.raises(nb.DataError, match="empty: no images"):
+        nb.ImageFolder(tmp_path / "empty", "train", 16, cache_dir=tmp_path / "c")
+    for i in range(3):
+        (tmp_path / "bad" / "x").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "bad" / "x" / f"{i}.jpg").write_bytes(b"\xff\xd8 junk")
+    with pytest.warns(UserWarning), pytest.raises(nb.DataError, match=r"bad: none of the \d image file"):
+        nb.ImageFolder(tmp_path / "bad", "train", 16, val_fraction=0.5, cache_dir=tmp_path / "c")
+
+
+# --- links ---------------------------------------------------------------------------------------
+
+def test_links_that_loop_or_leave_are_skipped_and_counted(nb, tmp_path):
+    folder = tmp_path / "f"
+    for i in range(3):
+        write_png(folder / "a" / f"{i}.png", asymmetric(seed=i))
+        write_png(folder / "b" / "deep" / f"{i}.png", asymmetric(seed=5 + i))
+    write_png(tmp_path / "outside" / "o.png", asymmetric(seed=9))
+    os.symlink(folder, folder / "loop")                          # a class folder that is its parent
+    os.symlink(folder / "a", folder / "b" / "again")             # a second route to class a
+    os.symlink(tmp_path / "outside", folder / "c")               # a class folder outside
+    os.symlink(tmp_path / "outside" / "o.png", folder / "a" / "o.png")
+    os.symlink(folder / "a" / "0.png", folder / "b" / "0_link.png")
+    with pytest.warns(UserWarning, match=r"skipped 5 link\(s\)"):
+        paths, labels, classes = nb.list_image_folder(folder)
+    assert classes == ["a", "b"] and labels == [0, 0, 0, 1, 1, 1]
+    assert len(set(paths)) == 6 and all(p == p.resolve() for p in paths)
+
+
+# --- the split -----------------------------------------------------------------------------------
+
+def test_held_out_split_is_stratified_stable_and_exclusive(nb):
+    paths = [f"c{c}/img_{i}.jpg" for c in range(4) for i in range(2000)]
+    labels = [c for c in range(4) for _ in range(2000)]
+    mask = nb.held_out(paths, labels, 0.1, ["c0", "c1", "c2", "c3"])
+    per_class = mask.reshape(4, 2000).mean(axis=1)
+    assert np.abs(per_class - 0.1).max() < 0.025, per_class            # binomial sd 0.0067
+    assert (mask == nb.held_out(paths, labels, 0.1, None)).all()           # deterministic
+    more = paths + [f"c{c}/new_{i}.jpg" for c in range(4) for i in range(500)]
+    more_labels = labels + [c for c in range(4) for _ in range(500)]
+    assert (nb.held_out(more, more_labels, 0.1, None)[:len(paths)] == mask).all()  # additions move nothing
+    tiny = nb.held_out(["a/1", "a/2", "b/1", "b/2", "b/3"], [0, 0, 1, 1, 1], 0.01, ["a", "b"])
+    assert tiny.tolist().count(True) == 2 and tiny[:2].sum() == 1 and tiny[2:].sum() == 1
+
+
+@pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5])
+def test_val_fraction_outside_0_1_is_refused(nb, fraction):
+    with pytest.raises(ValueError, match=f"val_fraction.*{fraction}"):
+        nb.held_out(["a/1", "a/2"], [0, 0], fraction, ["a"])
+
+
+def test_a_class_with_one_image_is_an_error_naming_it(nb, tmp_path):
+    for i in range(3):
+        write_png(tmp_path / "f" / "many" / f"{i}.png", asymmetric(8, 8, seed=i))
+    write_png(tmp_path / "f" / "single" / "only.png", asymmetric(8, 8))
+    with pytest.raises(nb.DataError, match=r"only.png.*'single'"):
+        nb.ImageFolder(tmp_path / "f", "train", 8, cache_dir=tmp_path / "c")
+
+
+def test_folder_split_every_image_once_and_train_val_folders(nb, tmp_path):
+    for c in ("x", "y"):
+        for i in range(12):
+            write_png(tmp_path / "f" / c / f"{i}.png", asymmetric(8, 8, seed=i))
+    train = nb.folder_split(tmp_path / "f", "train", 0.25)
+    val = nb.folder_split(tmp_path / "f", "val", 0.25)
+    assert not set(train[0]) & set(val[0]) and len(train[0]) + len(val[0]) == 24
+    assert set(val[1]) == {0, 1} and set(train[1]) == {0, 1}
+    given = tmp_path / "given"
+    for split, names in (("train", ("x", "y")), ("val", ("y",))):
+        for c in names:
+            for i in range(2):
+                write_png(given / split / c / f"{i}.png", asymmetric(8, 8, seed=i))
+    paths, labels, classes, how = nb.folder_split(given, "val", 0.1)
+    assert classes == ["x", "y"] and labels == [1, 1] and "val/" in how
+    write_png(given / "val" / "z" / "0.png", asymmetric(8, 8))
+    with pytest.raises(nb.DataError, match="do not match"):
+        nb.folder_split(given, "val", 0.1)
+
+
+# --- the data set, its size and its cache ---------------------------------------------------------
+
+def test_flat_folder_trains_without_labels(nb, tmp_path):
+    for i in range(20):
+        write_png(tmp_path / "flat" / f"{i:02d}.png", asymmetric(20, 30, seed=i))
+    train = nb.ImageFolder(tmp_path / "flat", "train", 16, 0.2, cache_dir=tmp_path / "c")
+    val = nb.ImageFolder(tmp_path / "flat", "val", 16, 0.2, cache_dir=tmp_path / "c")
+    assert not train.has_labels and train.classes == [] and len(train) + len(val) == 20 and len(val) >= 1
+    assert train.images.shape == (len(train), 3, 16, 16) and set(train.labels.tolist()) == {0}
+
+
+def test_img_size_sets_the_stored_size_and_the_cache_is_never_misread(nb, tmp_path, monkeypatch):
+    for c in ("p", "q"):
+        for i in range(3):
+            write_png(tmp_path / "f" / c / f"{i}.png", asymmetric(30, 50, seed=i))
+    small = nb.ImageFolder(tmp_path / "f", "train", 16, 0.4, cache_dir=tmp_path / "c")
+    large = nb.ImageFolder(tmp_path / "f", "train", 24, 0.4, cache_dir=tmp_path / "c")
+    assert small.images.shape[1:] == (3, 16, 16) and large.images.shape[1:] == (3, 24, 24)
+    assert small.has_labels and small.classes == ["p", "q"]
+    meta_path = next((tmp_path / "c").glob("train-*-24px.json"))
+    assert json.loads(meta_path.read_text())["shape"] == [3, 24, 24]
+    monkeypatch.setattr(nb, "decode_chunk", lambda *a: pytest.fail("the cache should have been used"))
+    again = nb.ImageFolder(tmp_path / "f", "train", 24, 0.4, cache_dir=tmp_path / "c")
+    np.testing.assert_array_equal(again.images, large.images)
+    monkeypatch.undo()
+    meta = json.loads(meta_path.read_text())
+    meta["shape"] = [3, 16, 16]  # a cache whose recorded shape is not the one asked for
+    meta_path.write_text(json.dumps(meta))
+    assert nb.open_cache(meta_path.with_suffix(""), meta["fingerprint"], shape=(3, 24, 24)) is None
+    rebuilt = nb.ImageFolder(tmp_path / "f", "train", 24, 0.4, cache_dir=tmp_path / "c")
+    np.testing.assert_array_equal(rebuilt.images, large.images)
+
+
+def test_parallel_decoding_equals_serial_in_order(nb, tmp_path):
+    paths = [write_png(tmp_path / f"{i:02d}.png", asymmetric(20, 36, seed=i)) for i in range(21)]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG nothing")
+    paths.insert(7, tmp_path / "broken.png")
+    with pytest.warns(UserWarning, match="skipped 1"):
+        serial = list(nb.decode_images(paths, 12, workers=1, chunk=4))
+    with pytest.warns(UserWarning, match="skipped 1"):
+        parallel = list(nb.decode_images(paths, 12, workers=2, chunk=4))
+    assert [s for s, _, _ in parallel] == list(range(0, 22, 4))
+    for (_, a, ok_a), (_, b, ok_b) in zip(serial, parallel):
+        np.testing.assert_array_equal(a, b) and np.testing.assert_array_equal(ok_a, ok_b)
+    assert np.concatenate([ok for _, _, ok in parallel]).tolist() == [i != 7 for i in range(22)]
+
+
+def test_load_datasets_picks_the_folder_at_cfg_img_size(nb, tmp_path, capsys):
+    for c in ("p", "q"):
+        for i in range(10):
+            write_png(tmp_path / "f" / c / f"{i}.png", asymmetric(30, 50, seed=i))
+    cfg = nb.make_config("demo", data_root=str(tmp_path / "f"), img_size=32, val_fraction=0.3,
+                         cache_dir=str(tmp_path / "c"))
+    train, val = nb.load_datasets(cfg, verbose=False)
+    assert isinstance(train, nb.ImageFolder) and train.images.shape[1:] == (3, 32, 32)
+    assert f"train {len(train)} / val {len(val)} images" in capsys.readouterr().out
+    (tmp_path / "i64").mkdir()
+    (tmp_path / "i64" / "val_data").write_bytes(b"")
+    with pytest.raises(nb.DataError, match="img_size=32"):
+        nb.load_datasets(nb.make_config("demo", data_root=str(tmp_path / "i64"), img_size=32))
+
+
+# --- your own files --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_vit(nb):
+    import torch
+    torch.manual_seed(0)
+    return nb.vit_tiny(patch_size=8, img_size=16).eval()
+
+
+def test_export_features_of_a_folder_and_of_files(nb, tmp_path, small_vit):
+    import torch
+    for c in ("a", "b"):
+        for i in range(3):
+            write_png(tmp_path / "f" / c / f"{i}.png", asymmetric(20 + 4 * i, 30, seed=i + (c == "b") * 7))
+    (tmp_path / "f" / "b" / "broken.jpg").write_bytes(b"\xff\xd8")
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        out = nb.export_features(small_vit, tmp_path / "f", tmp_path / "out", workers=1)
+    features = np.load(out / "features.npy")
+    files = json.loads((out / "files.json").read_text())
+    assert features.shape == (6, 192) and features.dtype == np.float32 and len(files) == 6
+    assert np.load(out / "labels.npy").tolist() == [0, 0, 0, 1, 1, 1]
+    assert json.loads((out / "classes.json").read_text()) == ["a", "b"]
+    square = torch.from_numpy(np.array(nb.load_square(files[4], 16)[None]))  # native size 16 from pos_embed
+    expected = nb.extract_features(small_vit, square)[0].numpy()
+    assert np.abs(features[4] - expected).max() < 1e-4
+    out2 = nb.export_features(small_vit, [files[4], files[0]], tmp_path / "out2", workers=1)
+    np.testing.assert_allclose(np.load(out2 / "features.npy"), features[[4, 0]], atol=1e-5)
+    assert not (out2 / "labels.npy").exists()
+
+
+def test_attention_rows_for_files_of_any_size_and_aspect(nb, tmp_path, small_vit):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(asymmetric(40, 100)).save(tmp_path / "wide.png", exif=exif)  # shown 100 x 40
+    write_png(tmp_path / "small.png", asymmetric(17, 23))
+    rows = nb.attention_rows_for_files(small_vit, [tmp_path / "wide.png", tmp_path / "small.png"], 0.6,
+                                       max_side=50)
+    (shown, heats, masks), (small, _, _) = rows
+    assert shown.shape == (48, 16, 3) and len(heats) == 1 + 3 and heats[0].shape == (48, 16)
+    assert small.shape == (16, 16, 3)
