@@ -12,7 +12,7 @@ def tiny(nb, tmp_path, **kw):
 
 def test_free_or_same_settings_use_the_run_name_folder(nb, tmp_path):
     cfg = tiny(nb, tmp_path)
-    run_dir = nb.start_run(cfg, verbose=False)
+    run_dir = nb.record_settings(cfg, nb.run_directory(cfg))
     assert run_dir == tmp_path / "ckpt" / "demo"
     assert json.loads((run_dir / "settings.json").read_text()) == nb.run_settings(cfg)
     resumable = dataclasses.replace(cfg, log_every_steps=7, eval_every_epochs=3, num_workers=2)
@@ -21,11 +21,11 @@ def test_free_or_same_settings_use_the_run_name_folder(nb, tmp_path):
 
 def test_changed_settings_go_to_their_own_folder_and_leave_the_old_run_alone(nb, tmp_path, capsys):
     cfg = tiny(nb, tmp_path)
-    old_dir = nb.start_run(cfg, verbose=False)
+    old_dir = nb.record_settings(cfg, nb.run_directory(cfg))
     (old_dir / "last.pth").write_bytes(b"the finished run's checkpoint")
     before = {p.name: p.read_bytes() for p in old_dir.iterdir()}
     changed = dataclasses.replace(cfg, batch_size=8)
-    new_dir = nb.start_run(changed, verbose=True)
+    new_dir = nb.record_settings(changed, nb.run_directory(changed, verbose=True))
     assert new_dir != old_dir and new_dir.name.startswith("demo-") and len(new_dir.name) == len("demo-") + 8
     assert "batch_size" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in old_dir.iterdir()} == before
@@ -35,7 +35,7 @@ def test_changed_settings_go_to_their_own_folder_and_leave_the_old_run_alone(nb,
 
 def test_unreadable_settings_name_the_file(nb, tmp_path):
     cfg = tiny(nb, tmp_path)
-    run_dir = nb.start_run(cfg, verbose=False)
+    run_dir = nb.record_settings(cfg, nb.run_directory(cfg))
     for text in ("{not json", "[1, 2]"):
         (run_dir / "settings.json").write_text(text)
         with pytest.raises(ValueError, match="settings.json"):
@@ -49,7 +49,7 @@ def test_trained_teacher_comes_from_a_finished_run_only(nb, tmp_path):
     trained = nb.build_backbone(cfg, drop_path_rate=0.0)
     with torch.no_grad():
         trained.cls_token.fill_(0.25)
-    torch.save(trained.state_dict(), nb.start_run(cfg, verbose=False) / "teacher.pth")
+    torch.save(trained.state_dict(), nb.record_settings(cfg, nb.run_directory(cfg)) / "teacher.pth")
     backbone, path = nb.trained_teacher(cfg, torch.device("cpu"))
     assert path.name == "teacher.pth" and not backbone.training
     assert torch.equal(backbone.cls_token, trained.cls_token)

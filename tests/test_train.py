@@ -176,13 +176,27 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(nb, tmp_path):
     assert last.read_bytes() == good
 
 
-def test_mismatched_checkpoint_is_refused(nb, tmp_path):
+def test_a_checkpoint_of_another_architecture_is_refused(nb, tmp_path):
+    """A run folder without settings.json (an older run) whose last.pth is of another model: refused."""
     data = Data()
     nb.train_dino(tiny_cfg(nb, tmp_path), data, data, torch.device("cpu"), max_steps=1, progress=False)
+    run_dir = tmp_path / "ck" / "demo"
+    (run_dir / "settings.json").unlink()
     with pytest.raises(ValueError, match=r"last.pth.*out_dim: checkpoint 64 vs config 32"):
         nb.train_dino(tiny_cfg(nb, tmp_path, out_dim=32), data, data, torch.device("cpu"), progress=False)
     with pytest.raises(ValueError, match=r"patch_size: checkpoint 16 vs config 8"):
         nb.train_dino(tiny_cfg(nb, tmp_path, patch_size=8), data, data, torch.device("cpu"), progress=False)
+
+
+def test_other_settings_train_in_their_own_folder(nb, tmp_path):
+    data = Data()
+    nb.train_dino(tiny_cfg(nb, tmp_path), data, data, torch.device("cpu"), max_steps=1, progress=False)
+    run_dir = tmp_path / "ck" / "demo"
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    trainer, _ = nb.train_dino(tiny_cfg(nb, tmp_path, out_dim=32), data, data, torch.device("cpu"), progress=False)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    other = [d for d in run_dir.parent.iterdir() if d.name.startswith("demo-")]
+    assert len(other) == 1 and (other[0] / "teacher.pth").exists() and trainer.epoch == trainer.cfg.epochs
 
 
 def test_interrupt_saves_then_stops_and_resumes(nb, tmp_path, monkeypatch):
