@@ -59,5 +59,7 @@ def test_initial_backbone_is_the_same_network_whatever_ran_before(nb, tmp_path):
     cfg = tiny(nb, tmp_path)
     first = nb.initial_backbone(cfg, torch.device("cpu"))
     torch.randn(1000)  # the global generator moves on
+    state = torch.get_rng_state()
     second = nb.initial_backbone(cfg, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), state)  # and is left alone
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
