@@ -47,31 +47,54 @@ def write(path, write_fn, keep_previous=None):
         announce("written")               # the temp file is full, nothing renamed yet
     return real_write(path, written, keep_previous)
 def replace(src, dst):
-    announce("replace")                   # before each rename of a save
+    announce("replace")                   # before each rename (a save with a previous last.pth has two)
     real_replace(src, dst)
 nb.train_step, nb.atomic_write, os.replace = step, write, replace
-nb.train_dino(cfg, Data(), Data(), torch.device("cpu"), progress=False)
-print("done", flush=True)
+
+def train():
+    nb.train_dino(cfg, Data(), Data(), torch.device("cpu"), progress=False)
+    print("done", flush=True)
+
+if sys.argv[3] == "once":
+    train()
+else:   # a fork server: each line on stdin starts one more run, without importing torch again
+    for _ in sys.stdin:
+        pid = os.fork()
+        if pid == 0:
+            print(f"pid {os.getpid()}", flush=True)
+            code = 1
+            try:
+                train()
+                code = 0
+            finally:
+                os._exit(code)   # never back into the server's loop
+        print(f"exit {os.waitpid(pid, 0)[1]}", flush=True)
 """
 
 
-def start(run_name, checkpoint_dir):
+def start(run_name, checkpoint_dir, mode="once"):
     settings = json.dumps({**SETTINGS, "run_name": run_name, "checkpoint_dir": str(checkpoint_dir)})
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(TESTS), settings], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(TESTS), settings, mode], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def run_until(child, event, occurrence):
-    """Read the child's announcements; SIGKILL it at the `occurrence`-th `event`. False if it finished first."""
-    seen = 0
-    for line in child.stdout:
-        seen += line.strip() == event
-        if seen == occurrence:
-            child.send_signal(signal.SIGKILL)
-            child.wait()
-            return True
-    assert child.wait() == 0
-    return False
+def run_until(server, event, occurrence):
+    """Start a run in the fork server and SIGKILL it at the `occurrence`-th `event`; False if it finished first."""
+    server.stdin.write("run\n")
+    server.stdin.flush()
+    pid, seen, killed = None, 0, False
+    for line in server.stdout:
+        word = line.split()[0]
+        pid = int(line.split()[1]) if word == "pid" else pid
+        seen += word == event
+        if seen == occurrence and not killed:
+            os.kill(pid, signal.SIGKILL)
+            killed = True
+        if word == "exit":
+            assert killed or line.split()[1] == "0"
+            return killed
+    raise AssertionError("the fork server stopped")
 
 
 def final_state(run_dir):
@@ -83,15 +106,19 @@ def final_state(run_dir):
 
 def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
     whole_run = start("whole", tmp_path)   # the uninterrupted run, alongside
-    rng = random.Random(11)
-    plan = [("step", rng.randint(2, 4)), ("written", rng.randint(1, 3)), ("replace", 2), ("written", 4)]
-    run_dir, stale_temp_seen, killed = tmp_path / "killed", 0, 0
+    server = start("killed", tmp_path, mode="serve")
+    rng = random.Random(11)   # ("replace", 3): the log's rename, last.pth -> last.prev.pth, then killed before
+    #                           the new last.pth is renamed into place: the run has no last.pth for a moment
+    plan = [("step", rng.randint(2, 4)), ("written", rng.randint(1, 3)), ("replace", 3), ("written", 4)]
+    run_dir, stale_temp_seen, no_last_seen, killed = tmp_path / "killed", 0, 0, 0
     for event, occurrence in plan:
-        killed += run_until(start("killed", tmp_path), event, occurrence)
+        killed += run_until(server, event, occurrence)
         stale_temp_seen += any(p.name.endswith(".tmp") for p in run_dir.iterdir())
-    assert not run_until(start("killed", tmp_path), "never", 1)
-    assert not run_until(whole_run, "never", 1)
-    assert killed == len(plan) and stale_temp_seen >= 2   # the kills did cut writes short
+        no_last_seen += not (run_dir / "last.pth").exists()
+    assert not run_until(server, "never", 1)
+    server.stdin.close()
+    assert server.wait() == 0 and whole_run.wait() == 0
+    assert killed == len(plan) and stale_temp_seen >= 2 and no_last_seen == 1   # the kills did cut writes short
     assert not any(p.name.endswith(".tmp") for p in run_dir.iterdir())   # and restarts cleaned up
     (whole, whole_losses), (resumed, resumed_losses) = final_state(tmp_path / "whole"), final_state(run_dir)
     assert whole["step"] == resumed["step"] == 6

@@ -1,0 +1,244 @@
+"""Checkpoints are read as untrusted files and written so that nothing can redirect or half-finish them:
+damaged files are named and the run falls back to its newest intact checkpoint, failed writes keep the
+previous file, planted links are never followed, and a resume checks everything it restores."""
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import Data, tiny_cfg
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def run(nb, tmp_path_factory):
+    """A run of 3 steps with a checkpoint after each: last.pth at step 3, last.prev.pth at step 2."""
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = tiny_cfg(nb, tmp, checkpoint_every_steps=1)
+    nb.train_dino(cfg, Data(), Data(), CPU, max_steps=3, progress=False)
+    run_dir = tmp / "ck" / cfg.run_name
+    return cfg, run_dir, {p.name: p.read_bytes() for p in run_dir.glob("*.pth")}
+
+
+def fresh_copy(run, tmp_path, last=None):
+    """The run's files in a new folder; `last` replaces last.pth's bytes. Returns (cfg, run_dir)."""
+    cfg, _, files = run
+    run_dir = tmp_path / "ck" / cfg.run_name
+    run_dir.mkdir(parents=True)
+    for name, data in files.items():
+        (run_dir / name).write_bytes(data)
+    if last is not None:
+        (run_dir / "last.pth").write_bytes(last)
+    return tiny_cfg_like(cfg, tmp_path), run_dir
+
+
+def tiny_cfg_like(cfg, tmp_path):
+    return dataclasses.replace(cfg, checkpoint_dir=str(tmp_path / "ck"))
+
+
+def edited(run, change):
+    """last.pth's state after change(state), as bytes."""
+    state = torch.load(io.BytesIO(run[2]["last.pth"]), weights_only=True)
+    change(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def test_damaged_last_pth_is_named_and_the_run_resumes_from_the_previous_one(nb, run, tmp_path, capsys):
+    assert set(run[2]) == {"last.pth", "last.prev.pth"}
+    cfg, run_dir = fresh_copy(run, tmp_path, last=run[2]["last.pth"][: len(run[2]["last.pth"]) // 2])
+    t = nb.DINOTrainer(cfg, 16, CPU)
+    with pytest.warns(UserWarning, match=r"last.pth is damaged"):
+        path, _ = nb.resume(t, run_dir, print)
+    assert path == run_dir / "last.prev.pth" and t.step == 2
+    out = capsys.readouterr().out
+    assert "WARNING" in out and str(run_dir / "last.pth") in out and "last.prev.pth (step 2)" in out
+
+
+def test_a_flipped_byte_is_caught_by_the_crc(nb, run, tmp_path):
+    data = bytearray(run[2]["last.pth"])
+    data[len(data) // 2] ^= 0x10
+    cfg, run_dir = fresh_copy(run, tmp_path, last=bytes(data))
+    with pytest.raises(nb.CheckpointError, match=r"last.pth is damaged"):
+        nb.load_checkpoint(nb.DINOTrainer(cfg, 16, CPU), run_dir / "last.pth")
+
+
+def test_no_intact_checkpoint_says_how_to_start_fresh(nb, run, tmp_path):
+    cfg, run_dir = fresh_copy(run, tmp_path, last=b"garbage")
+    (run_dir / "last.prev.pth").write_bytes(b"")
+    with pytest.raises(nb.CheckpointError, match=r"(?s)no intact checkpoint.*last.pth.*last.prev.pth.*"
+                                                 r"delete or rename .*choose another run_name"):
+        nb.train_dino(cfg, Data(), Data(), CPU, progress=False)
+    assert (run_dir / "last.pth").read_bytes() == b"garbage"   # nothing was overwritten
+
+
+BAD_STATES = [
+    (lambda s: s.update(step=-3), r"step -3 is outside this run's schedule \(0..8\)"),
+    (lambda s: s.update(step=10**12), r"step 1000000000000 is outside"),
+    (lambda s: s.update(step=3.0), r"step 3.0 is outside"),
+    (lambda s: s.pop("config"), r"has no 'config' entry"),
+    (lambda s: s["teacher"].update({"backbone.norm.weight": s["teacher"]["backbone.norm.weight"].to(torch.int8)}),
+     r"\(teacher\): backbone.norm.weight has dtype torch.int8, expected torch.float32"),
+    (lambda s: s["student"].update({"backbone.cls_token": s["student"]["backbone.cls_token"] > 0}),
+     r"\(student\): backbone.cls_token has dtype torch.bool"),
+    (lambda s: s["student"]["backbone.pos_embed"].fill_(float("nan")), r"backbone.pos_embed holds non-finite"),
+    (lambda s: s["loss"]["center"].fill_(float("inf")), r"\(loss\): center holds non-finite"),
+    (lambda s: next(iter(s["optimizer"]["state"].values()))["exp_avg"].fill_(float("nan")), r"optimizer.*non-finite"),
+    (lambda s: s["student"].pop("backbone.norm.bias"), r"student entry does not hold this model's keys"),
+]
+
+
+@pytest.fixture(scope="module")
+def trainer(nb, run):
+    return nb.DINOTrainer(run[0], 16, CPU)
+
+
+@pytest.mark.parametrize("change,message", BAD_STATES)
+def test_resume_refuses_what_does_not_fit(nb, run, tmp_path, trainer, change, message):
+    _, run_dir = fresh_copy(run, tmp_path, last=edited(run, change))
+    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    with pytest.raises(nb.CheckpointError, match=message) as error:
+        nb.load_checkpoint(trainer, run_dir / "last.pth")
+    assert str(run_dir / "last.pth") in str(error.value)
+    assert all(torch.equal(v, trainer.student.state_dict()[k]) for k, v in before.items())   # nothing restored
+
+
+@pytest.mark.parametrize("change,message", [BAD_STATES[1], BAD_STATES[6]])
+def test_an_invalid_last_pth_falls_back_to_the_previous_one(nb, run, tmp_path, trainer, change, message):
+    _, run_dir = fresh_copy(run, tmp_path, last=edited(run, change))
+    with pytest.warns(UserWarning, match=message):
+        assert nb.resume(trainer, run_dir, lambda *a: None)[0] == run_dir / "last.prev.pth"
+    assert trainer.step == 2
+
+
+def test_another_architecture_is_refused_not_skipped(nb, run, tmp_path):
+    cfg, run_dir = fresh_copy(run, tmp_path)
+    with pytest.raises(ValueError, match=r"last.pth.*out_dim: checkpoint 64 vs config 32"):
+        nb.resume(nb.DINOTrainer(dataclasses.replace(cfg, out_dim=32), 16, CPU), run_dir, print)
+
+
+def test_size_bound_comes_from_the_architecture(nb, run, tmp_path):
+    cfg = run[0]
+    student, _ = nb.build_models(cfg, CPU)
+    numbers = sum(v.numel() for v in student.state_dict().values())
+    assert nb.architecture_size(cfg) == numbers
+    assert nb.training_checkpoint_bound(cfg) == 16 * numbers + 64 * 2**20
+    assert len(run[2]["last.pth"]) < nb.training_checkpoint_bound(cfg)
+
+
+def test_a_small_file_that_inflates_is_refused_before_loading(nb, run, tmp_path):
+    bomb = tmp_path / "last.pth"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data/0", bytes(2**20))
+    data = bytearray(bomb.read_bytes())   # the directory now says: 1 GiB once inflated
+    directory = data.rindex(b"PK\x01\x02")
+    data[directory + 24:directory + 28] = (2**30).to_bytes(4, "little")
+    bomb.write_bytes(bytes(data))
+    assert bomb.stat().st_size < 2**20
+    bound = nb.training_checkpoint_bound(run[0])
+    with pytest.raises(nb.CheckpointError, match=rf"last.pth declares 1,073,741,824 bytes, more than the {bound:,}"):
+        nb.load_weights_file(bomb, bound)
+    small = tmp_path / "small.pth"
+    with zipfile.ZipFile(small, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", b"x" * 1000)
+    with pytest.raises(nb.CheckpointError, match=r"small.pth: compressed members"):
+        nb.load_weights_file(small, bound)
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = Path("/nonexistent")
+
+
+def test_exporting_from_a_malicious_file_is_a_clear_error(nb, tmp_path):
+    global MARKER
+    MARKER = tmp_path / "code_ran"
+    evil = tmp_path / "evil.pth"
+    torch.save({"teacher": Payload(), "config": {}}, evil)
+    with pytest.raises(nb.CheckpointError, match=r"evil.pth could not be read as weights \(UnpicklingError"):
+        nb.export_teacher_backbone(evil, tmp_path / "out.pth")
+    with pytest.raises(nb.CheckpointError, match=r"evil.pth could not be read"):
+        nb.read_state_dict(evil)
+    assert not MARKER.exists() and not (tmp_path / "out.pth").exists()
+
+
+def test_export_checks_the_teacher(nb, run, tmp_path):
+    path = tmp_path / "nan.pth"
+    path.write_bytes(edited(run, lambda s: s["teacher"]["backbone.norm.weight"].fill_(float("nan"))))
+    with pytest.raises(nb.CheckpointError, match=r"nan.pth: backbone.norm.weight holds non-finite"):
+        nb.export_teacher_backbone(path, tmp_path / "out.pth")
+    good = tmp_path / "good.pth"
+    good.write_bytes(run[2]["last.pth"])
+    out = torch.load(nb.export_teacher_backbone(good, tmp_path / "out.pth"), weights_only=True)
+    assert out["norm.weight"].dtype == torch.float16
+
+
+def test_a_damaged_log_line_is_skipped_with_a_warning(nb, tmp_path):
+    log = tmp_path / "log.jsonl"
+    rows = [dict(kind="step", step=1, loss=1.0), dict(kind="step", step=2, loss=0.5)]
+    log.write_text(json.dumps(rows[0]) + "\n" + '{"kind": "step", "st\n' + json.dumps(rows[1]) + "\n[1, 2]\n")
+    with pytest.warns(UserWarning) as caught:
+        assert nb.read_log(log) == rows
+    assert [str(w.message).split(":")[0] for w in caught] == [f"{log}, line 2", f"{log}, line 4"]
+
+
+def test_planted_links_are_never_followed(nb, tmp_path, monkeypatch):
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    target = folder / "last.pth"
+    (folder / f".last.pth.tmp-{os.getpid()}").symlink_to(victim)   # the old predictable temporary name
+    names = iter(["0" * 16, "1" * 16])
+    monkeypatch.setattr(nb.secrets, "token_hex", lambda n: next(names))
+    (folder / f".last.pth.{'0' * 16}.tmp").symlink_to(victim)       # the next temporary name, foreseen
+    target.symlink_to(victim)                                        # and the target itself
+    nb.atomic_write(target, lambda f: f.write(b"new"), keep_previous=folder / "last.prev.pth")
+    assert victim.read_bytes() == b"precious"
+    assert target.read_bytes() == b"new" and not target.is_symlink()
+    assert (folder / f".last.pth.{'0' * 16}.tmp").is_symlink()    # skipped, not written through
+    assert not (folder / f".last.pth.{'1' * 16}.tmp").exists()
+
+
+CHILD = r"""
+import resource, signal, sys, torch
+sys.path.insert(0, sys.argv[1])
+from nbloader import load_notebook
+from test_train import tiny_cfg
+from pathlib import Path
+nb = load_notebook()
+t = nb.DINOTrainer(tiny_cfg(nb, Path(sys.argv[2])), 16, torch.device("cpu"))
+path = Path(sys.argv[2]) / "last.pth"
+nb.save_checkpoint(t, path)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # so that the write fails with EFBIG, not a signal
+resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size // 4,) * 2)
+t.step = 1
+try:
+    nb.save_checkpoint(t, path)
+except OSError as error:
+    print(f"errno={error.errno} message={error}")
+"""
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint_and_says_why(tmp_path):
+    tests = Path(__file__).resolve().parent
+    done = subprocess.run([sys.executable, "-c", CHILD, str(tests), str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    import errno
+    assert f"errno={errno.EFBIG} message=" in done.stdout
+    assert f"could not write {tmp_path / 'last.pth'}: File too large" in done.stdout
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["step"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
