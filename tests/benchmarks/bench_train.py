@@ -7,7 +7,11 @@ GPU: the imagenet64 profile's step (2x64 + 10x32, batch 256, bf16) for --archs, 
 model-FLOP utilisation, our GPU augmentation fed from a memmap versus the classic per-image CPU pipeline
 (torchvision transforms in DataLoader workers).
 Run: python tests/benchmarks/bench_train.py [--device cuda] [--archs vit_tiny vit_small vit_base]
+     python tests/benchmarks/bench_train.py --compare OLD.ipynb [--rounds 8]   (CPU step, old vs this
+     notebook, interleaved; e.g. OLD.ipynb from `git show <commit>:dino_vit.ipynb > OLD.ipynb`)
 """
+import platform
+import statistics
 import argparse
 import sys
 import time
@@ -73,10 +77,14 @@ def main():
     p.add_argument("--workers", type=int, default=12, help="DataLoader workers of the per-image pipeline")
     p.add_argument("--batch", type=int, default=256, help="batch size of the GPU runs")
     p.add_argument("--gpu-path-on", default=None, help="run the GPU comparison on this device (e.g. cpu, to check it)")
+    p.add_argument("--compare", default=None, help="another notebook file: time its CPU step against this one's")
+    p.add_argument("--rounds", type=int, default=8, help="interleaved rounds of --compare")
     a = p.parse_args()
     nb = load_notebook()
     device = torch.device(a.device)
-    if a.gpu_path_on:
+    if a.compare:
+        compare_cpu(load_notebook(a.compare, name="dino_vit_other"), nb, a.rounds)
+    elif a.gpu_path_on:
         run_gpu(nb, torch.device(a.gpu_path_on), a.archs or ["vit_small"], a.steps or 2, a.workers, a.batch)
     elif device.type == "cpu":
         run_cpu(nb, a.steps or 3)
@@ -84,11 +92,51 @@ def main():
         run_gpu(nb, device, a.archs or ["vit_tiny", "vit_small", "vit_base"], a.steps or 20, a.workers, a.batch)
 
 
-def run_cpu(nb, steps):
+def cpu_trainer(nb):
+    """The issue's CPU step: vit_tiny/8, batch 32, 2x64 + 6x32 crops, out_dim 4096, float32."""
     cfg = nb.make_config("demo", arch="vit_tiny", patch_size=8, batch_size=32, n_local_crops=6, out_dim=4096,
                          checkpoint_dir="/tmp/bench_train")
-    device = torch.device("cpu")
-    trainer = nb.DINOTrainer(cfg, 10_000, device)
+    return nb.DINOTrainer(cfg, 10_000, torch.device("cpu"))
+
+
+def cpu_model():
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def compare_cpu(old_nb, new_nb, rounds):
+    """Median wall and process-CPU seconds per step of two notebooks' steps, alternating step by step, so
+    that both see the same load on a shared machine; the ratio is old / new."""
+    batch = torch.randint(0, 256, (32, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    runs = {"old": (old_nb, cpu_trainer(old_nb)), "new": (new_nb, cpu_trainer(new_nb))}
+    flops = flops_per_image(new_nb, runs["new"][1], batch) * len(batch)
+    wall, cpu = {k: [] for k in runs}, {k: [] for k in runs}
+    for r in range(rounds + 1):
+        for name, (nb, trainer) in (runs.items() if r % 2 else reversed(runs.items())):
+            w, c = time.perf_counter(), time.process_time()
+            nb.train_step(trainer, batch)
+            if r:   # round 0 warms up
+                wall[name].append(time.perf_counter() - w)
+                cpu[name].append(time.process_time() - c)
+    c = time.process_time()
+    peak = {"wall": matmul_rate(torch.device("cpu"), torch.float32, 2048)}
+    peak["CPU"] = 2 * 2048 ** 3 * 13 / (time.process_time() - c)   # matmul_rate: 3 warm-up + 10 timed products
+    print(f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; {rounds} interleaved "
+          f"rounds; vit_tiny/8, batch 32, 2x64 + 6x32 crops, out_dim 4096, float32; {flops / 1e9:.0f} GFLOP/step")
+    print(f"  measured matmul (2048^3): {peak['wall'] / 1e9:.1f} GFLOP/s of wall time, "
+          f"{peak['CPU'] / 1e9:.1f} GFLOP/s of CPU time")
+    for label, times in (("wall", wall), ("CPU", cpu)):
+        old, new = statistics.median(times["old"]), statistics.median(times["new"])
+        print(f"  {label:4s} s/step, median: old {old:.2f}, new {new:.2f} -> {old / new:.3f}x; "
+              f"new {flops / new / 1e9:.1f} GFLOP/s of {label} time ({100 * flops / new / peak[label]:.0f}% of matmul)")
+        print(f"       all old: {[round(x, 2) for x in times['old']]}\n       all new: {[round(x, 2) for x in times['new']]}")
+
+
+def run_cpu(nb, steps):
+    trainer = cpu_trainer(nb)
+    cfg, device = trainer.cfg, trainer.device
     batch = torch.randint(0, 256, (cfg.batch_size, 3, 64, 64), dtype=torch.uint8)
     flops = flops_per_image(nb, trainer, batch)
     rate = step_rate(nb, trainer, repeat(batch), steps)
