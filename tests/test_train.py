@@ -216,3 +216,14 @@ def test_interrupt_saves_then_stops_and_resumes(nb, tmp_path, monkeypatch):
     assert state["step"] == 3 and state["batch_in_epoch"] == 3
     t, _ = nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
     assert t.step == 8
+
+
+def test_a_flat_folder_trains_and_says_evaluation_is_skipped(nb, tmp_path, capsys):
+    data = Data()
+    data.has_labels, data.root = False, tmp_path / "flat"
+    trainer, history = nb.train_dino(tiny_cfg(nb, tmp_path), data, data, torch.device("cpu"), progress=False)
+    assert trainer.epoch == trainer.cfg.epochs
+    assert "k-NN evaluation skipped" in capsys.readouterr().out
+    assert [r for r in history if r["kind"] == "eval"] == []
+    with pytest.raises(nb.DataError, match="no class folders"):
+        nb.knn_accuracy(trainer.teacher.backbone, data, data, trainer.cfg, torch.device("cpu"))
