@@ -118,9 +118,9 @@ def reference_interpolation(pos_embed, grid_h, grid_w):
     """DINO's interpolate_pos_encoding arguments: scale factor (grid + 0.1) / sqrt(N), bicubic."""
     n_pos, dim = pos_embed.shape[1] - 1, pos_embed.shape[-1]
     n = int(math.sqrt(n_pos))
+    scale_factor = ((grid_h + 0.1) / math.sqrt(n_pos), (grid_w + 0.1) / math.sqrt(n_pos))
     grid = nn.functional.interpolate(pos_embed[:, 1:].reshape(1, n, n, dim).permute(0, 3, 1, 2),
-                                     scale_factor=((grid_h + 0.1) / math.sqrt(n_pos), (grid_w + 0.1) / math.sqrt(n_pos)),
-                                     mode="bicubic")
+                                     scale_factor=scale_factor, mode="bicubic")
     return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
 
 
