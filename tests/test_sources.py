@@ -1,5 +1,8 @@
 """Source files are not trusted: the pickle allow-list, size limits checked before inflating, ambiguity."""
+import json
+import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -147,3 +150,124 @@ def test_npz_object_arrays_and_wrong_headers_are_refused(nb, tmp_path):
     np.savez(tmp_path / "r" / "val_data.npz", data=np.zeros((2, 12288), np.uint8), labels=np.array([1.0, 2.0]))
     with pytest.raises(nb.DataError, match=r"labels.npy: header declares float64"):
         nb.ImageNet64(tmp_path / "r", "val", cache_dir=tmp_path / "c")
+
+
+# ---- bombs: small on disk, huge once inflated; loaded in a child process with an address-space limit ----
+
+MiB, GiB = 1 << 20, 1 << 30
+
+
+def deflate_stream(head, zero_bytes):
+    """A raw deflate stream of `head` followed by `zero_bytes` zeros (a multiple of 1 MiB), built in ms."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    first = c.compress(head) + c.flush(zlib.Z_FULL_FLUSH)
+    block = c.compress(bytes(MiB)) + c.flush(zlib.Z_FULL_FLUSH)  # after a full flush, blocks repeat exactly
+    return first + block * (zero_bytes // MiB) + c.flush(zlib.Z_FINISH)
+
+
+def bomb_zip(path, member, head, zero_bytes, declared):
+    """A zip whose one member inflates to head + zeros and whose headers declare `declared` bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(member, deflate_stream(head, zero_bytes))
+    blob = bytearray(path.read_bytes())
+    local, central = blob.index(b"PK\x03\x04"), blob.rindex(b"PK\x01\x02")
+    crc = zlib.crc32(head + bytes(zero_bytes)) if zero_bytes < MiB else 0
+    for at, method, crc_at, usize in ((local, 8, 14, 22), (central, 10, 16, 24)):
+        struct.pack_into("<H", blob, at + method, 8)  # deflated
+        struct.pack_into("<I", blob, at + crc_at, crc)
+        struct.pack_into("<I", blob, at + usize, declared)
+    path.write_bytes(bytes(blob))
+    return path
+
+
+def npy_header(shape, dtype="|u1"):
+    header = repr({"descr": dtype, "fortran_order": False, "shape": shape}).encode()
+    header += b" " * (63 - (len(header) + 10) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header
+
+
+def make_bombs(tmp):
+    pickle_head = b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x04data\x94\x8e"
+    return {
+        # a zip member of zeros that honestly declares 3.9 GB: refused from the central directory
+        "zip member 3.9 GB": bomb_zip(tmp / "a" / "Imagenet64_val.zip", "Imagenet64_val/val_data",
+                                      pickle_head + struct.pack("<Q", 3_900_000_000), 3_700 * MiB, 3_900_000_000),
+        # the same stream (2 GiB) behind a header that lies (1 MiB): the read stops at the bound
+        "zip member lying header": bomb_zip(tmp / "b" / "Imagenet64_val.zip", "val_data",
+                                            pickle_head + struct.pack("<Q", 1_500_000_000), 2 * GiB, MiB),
+        # an npz whose data.npy header declares 1.1 TiB
+        "npz header 1.1 TiB": bomb_zip(tmp / "c" / "val_data.npz", "data.npy",
+                                       npy_header((98_000_000, 12288)), 0, 128),
+        # a 2 MB npz that inflates to 2 GiB, declared honestly, and again behind a lying size
+        "npz 2 GiB": bomb_zip(tmp / "d" / "val_data.npz", "data.npy", npy_header((174_763, 12288)), 2 * GiB,
+                              2 * GiB + 128),
+        "npz 2 GiB lying size": bomb_zip(tmp / "e" / "val_data.npz", "data.npy", npy_header((174_763, 12288)),
+                                         2 * GiB, MiB),
+        # an npz of 2 GiB zipped once more, as in the _npz zips
+        "zipped npz 2 GiB": bomb_zip(tmp / "f" / "Imagenet64_val_npz.zip", "val_data.npz", b"PK\x03\x04", 2 * GiB,
+                                     2 * GiB),
+        # a 30-byte pickle that declares a 1 TiB bytes object
+        "pickle declares 1 TiB": _write(tmp / "g" / "val_data", pickle_head + struct.pack("<Q", 1 << 40)),
+        # a sparse 2 GB pickle file: refused from its size, never read
+        "pickle file 2 GB": _sparse(tmp / "h" / "val_data", 2_000_000_000),
+    }
+
+
+def _write(path, blob):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(blob)
+    return path
+
+
+def _sparse(path, size):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+CHILD = textwrap.dedent("""
+    import json, resource, sys, time
+    sys.path.insert(0, {tests!r})
+    from nbloader import load_notebook
+    nb = load_notebook()
+    vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (vm + {extra}, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    results = {{}}
+    for name, root in json.loads(sys.argv[1]).items():
+        t = time.perf_counter()
+        try:
+            nb.ImageNet64(root, "val", cache_dir=root + "/cache")
+            outcome = "loaded"
+        except BaseException as e:
+            outcome = f"{{type(e).__name__}}: {{e}}"
+        results[name] = [outcome, time.perf_counter() - t]
+    print(json.dumps(results))
+""")
+
+
+def test_bombs_are_refused_before_they_inflate(tmp_path):
+    bombs = make_bombs(tmp_path)
+    assert max(p.stat().st_blocks * 512 for p in bombs.values()) < 5 * MiB  # small on disk
+    roots = {name: str(path.parent) for name, path in bombs.items()}
+    script = CHILD.format(tests=str(HERE), extra=int(2.5 * GiB))
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(roots)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    print({name: f"{seconds:.2f} s: {outcome[-90:]}" for name, (outcome, seconds) in results.items()})
+    expected = {
+        "zip member 3.9 GB": r"Imagenet64_val.zip:Imagenet64_val/val_data: declares 3,900,000,000 bytes",
+        "zip member lying header": r"Imagenet64_val.zip:val_data: not a readable.*(CRC|truncated|MemoryError)",
+        "npz header 1.1 TiB": r"val_data.npz:data.npy: header declares uint8 of shape \(98000000, 12288\)",
+        "npz 2 GiB": r"val_data.npz:data.npy: declares 2,147,483,776 bytes",
+        "npz 2 GiB lying size": r"val_data.npz:data.npy: header declares uint8 of shape \(174763, 12288\)",
+        "zipped npz 2 GiB": r"Imagenet64_val_npz.zip:val_data.npz: declares 2,147,483,648 bytes",
+        "pickle declares 1 TiB": r"g/val_data: not a readable ImageNet-64 batch \(MemoryError",
+        "pickle file 2 GB": r"h/val_data: declares 2,000,000,000 bytes",
+    }
+    for name, pattern in expected.items():
+        outcome, seconds = results[name]
+        assert outcome.startswith("DataError: ") and re.search(pattern, outcome), (name, outcome)
+        assert seconds < 5, (name, seconds)
