@@ -271,3 +271,71 @@ def test_bombs_are_refused_before_they_inflate(tmp_path):
         outcome, seconds = results[name]
         assert outcome.startswith("DataError: ") and re.search(pattern, outcome), (name, outcome)
         assert seconds < 5, (name, seconds)
+
+
+# ---- ambiguity: a second copy of a batch is an error naming both; a partial train split is said ----
+
+def small_batch(k, n=2):
+    data = np.full((n, 12288), k, np.uint8)
+    return {"data": data, "labels": [k] * n}
+
+
+def zip_of(path, members):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        for member, batch in members.items():
+            zf.writestr(member, pickle.dumps(batch))
+
+
+def put(path, batch):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(batch))
+
+
+@pytest.mark.parametrize("layout, split, names", [
+    ("two val_data members in one zip", "val", ["Imagenet64_val.zip:a/val_data", "Imagenet64_val.zip:b/val_data"]),
+    ("val_data beside val_data.npz", "val", ["r/val_data", "r/val_data.npz"]),
+    ("both val zips", "val", ["Imagenet64_val.zip:val_data", "Imagenet64_val_npz.zip:val_data.npz"]),
+    ("a train batch in two folders", "train", ["a/train_data_batch_2", "b/train_data_batch_2"]),
+    ("a train batch in two zips", "train", ["part1.zip:train_data_batch_3", "part2.zip:x/train_data_batch_3"]),
+])
+def test_a_second_copy_is_an_error_naming_both(nb, tmp_path, layout, split, names):
+    r = tmp_path / "r"
+    if layout == "two val_data members in one zip":
+        zip_of(r / "Imagenet64_val.zip", {"a/val_data": small_batch(1), "b/val_data": small_batch(2)})
+    elif layout == "val_data beside val_data.npz":
+        put(r / "val_data", small_batch(1))
+        np.savez(r / "val_data.npz", **small_batch(1))
+    elif layout == "both val zips":
+        zip_of(r / "Imagenet64_val.zip", {"val_data": small_batch(1)})
+        with zipfile.ZipFile(r / "Imagenet64_val_npz.zip", "w") as zf:
+            with zf.open("val_data.npz", "w") as f:
+                np.savez(f, **small_batch(1))
+    elif layout == "a train batch in two folders":
+        put(r / "a" / "train_data_batch_2", small_batch(2))
+        put(r / "b" / "train_data_batch_2", small_batch(2))
+    else:
+        zip_of(r / "Imagenet64_train_part1.zip", {"train_data_batch_3": small_batch(3)})
+        zip_of(r / "Imagenet64_train_part2.zip", {"x/train_data_batch_3": small_batch(3)})
+    with pytest.raises(nb.DataError, match="found 2 times") as info:
+        nb.ImageNet64(r, split, cache_dir=tmp_path / "c")
+    for name in names:
+        assert name.replace("part", "Imagenet64_train_part") in str(info.value) or name in str(info.value)
+
+
+def test_a_partial_train_split_is_said_once(nb, tmp_path):
+    zip_of(tmp_path / "r" / "Imagenet64_train_part1.zip",
+           {"train_data_batch_7": small_batch(7, 3), "train_data_batch_3": small_batch(3, 2)})
+    with pytest.warns(UserWarning) as record:
+        ds = nb.ImageNet64(tmp_path / "r", "train", cache_dir=tmp_path / "c")
+    assert len(record) == 1
+    assert "found batches [3, 7], missing batches [1, 2, 4, 5, 6, 8, 9, 10]" in str(record[0].message)
+    assert ds.labels.tolist() == [2, 2, 6, 6, 6]  # batch order, not the zip's order
+    assert ds.images[:, 0, 0, 0].tolist() == [3, 3, 7, 7, 7]
+
+
+def test_extracted_files_are_preferred_to_their_zip(nb, tmp_path):
+    put(tmp_path / "r" / "val_data", small_batch(5))
+    (tmp_path / "r" / "Imagenet64_val.zip").write_bytes(b"not even read")
+    ds = nb.ImageNet64(tmp_path / "r", "val", cache_dir=tmp_path / "c")
+    assert ds.labels.tolist() == [4, 4]
