@@ -339,3 +339,12 @@ def test_extracted_files_are_preferred_to_their_zip(nb, tmp_path):
     (tmp_path / "r" / "Imagenet64_val.zip").write_bytes(b"not even read")
     ds = nb.ImageNet64(tmp_path / "r", "val", cache_dir=tmp_path / "c")
     assert ds.labels.tolist() == [4, 4]
+
+
+def test_object_arrays_in_pickles_are_refused(nb, tmp_path):
+    """An object dtype could make numpy fill a declared shape of billions with None: refused at the dtype."""
+    (tmp_path / "r").mkdir()
+    batch = {"data": np.array([1, "x"], dtype=object), "labels": [1]}
+    (tmp_path / "r" / "val_data").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(nb.DataError, match=r"val_data: not a readable.*object arrays are not allowed"):
+        nb.ImageNet64(tmp_path / "r", "val", cache_dir=tmp_path / "c")
