@@ -251,7 +251,7 @@ def test_img_size_sets_the_stored_size_and_the_cache_is_never_misread(nb, tmp_pa
     meta = json.loads(meta_path.read_text())
     meta["shape"] = [3, 16, 16]  # a cache whose recorded shape is not the one asked for
     meta_path.write_text(json.dumps(meta))
-    assert nb.open_cache(meta_path.with_suffix(""), meta["fingerprint"], shape=(3, 24, 24)) is None
+    assert nb.open_cache(meta_path.with_suffix(""), meta["fingerprint"], image_shape=(3, 24, 24)) is None
     rebuilt = nb.ImageFolder(tmp_path / "f", "train", 24, 0.4, cache_dir=tmp_path / "c")
     np.testing.assert_array_equal(rebuilt.images, large.images)
 
