@@ -193,6 +193,9 @@ def test_a_refused_checkpoint_leaves_the_next_cell_a_clear_error(interrupted_and
     kernel = interrupted_and_straight_runs["kernel"]
     run_definitions_above(kernel, "Evaluation")
     evaluation = section_cells("Evaluation")
+    for src in evaluation:   # the section's own definitions too: the cells below need them
+        if src.lstrip().startswith(EXPORT_MARK):
+            kernel.run_ok(src)
     load_cell = next(src for src in evaluation if "trained_teacher(cfg, device)" in src)
     next_cell = next(src for src in evaluation[evaluation.index(load_cell) + 1:]
                      if "teacher_backbone" in src and not src.lstrip().startswith(EXPORT_MARK))
