@@ -87,6 +87,7 @@ def test_figure_names_stay_in_the_figure_folder(nb, tmp_path):
     for name in ("../outside", "/tmp/abs", "", "a/b"):
         with pytest.raises(nb.ConfigError, match="figure name"):
             nb.save_figure(fig, cfg, name)
-    assert nb.save_figure(fig, cfg, "fine_name") == tmp_path / "figures" / "fine_name.png"
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["figures", "fine_name.png"]
+    assert nb.save_figure(fig, cfg, "fine_name") == tmp_path / "figures" / "demo" / "fine_name.jpg"
+    assert nb.save_figure(fig, cfg, "line_art", photo=False) == tmp_path / "figures" / "demo" / "line_art.png"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["demo", "figures", "fine_name.jpg", "line_art.png"]
     plt.close(fig)

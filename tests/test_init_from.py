@@ -37,7 +37,7 @@ def test_dino_release_backbone_starts_both_networks(nb, tmp_path, capsys):
     assert torch.equal(loaded["pos_embed"], dino_interpolation(state["pos_embed"], 8))    # 224 px -> 64 px
     assert all(torch.equal(loaded[k], v) for k, v in state.items() if k != "pos_embed")
     assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), student.state_dict().values()))
-    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters()) and teacher.training  # train mode, as the reference
     assert student.backbone.blocks[-1].drop_path.drop_prob > 0
     assert teacher.backbone.blocks[-1].drop_path.drop_prob == 0
     crops = [torch.randn(2, 3, 64, 64)] * 2 + [torch.randn(2, 3, 32, 32)] * 2
