@@ -285,6 +285,25 @@ def test_load_datasets_picks_the_folder_at_cfg_img_size(nb, tmp_path, capsys):
         nb.load_datasets(nb.make_config("demo", data_root=str(tmp_path / "i64"), img_size=32))
 
 
+def test_a_folder_of_images_is_not_searched_for_imagenet64_files(nb, tmp_path, monkeypatch):
+    """Telling the two formats apart takes one walk by name; the ImageNet-64 search (which opens zips)
+    runs only where such files are."""
+    for c in ("p", "q"):
+        for i in range(4):
+            write_png(tmp_path / "f" / c / f"{i}.png", asymmetric(seed=i))
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "Imagenet64_val_npz.zip").write_bytes(b"")
+    (tmp_path / "n" / "deep").mkdir(parents=True)
+    (tmp_path / "n" / "deep" / "train_data_batch_3.npz").write_bytes(b"")
+    assert not nb.holds_imagenet64(tmp_path / "f")
+    assert nb.holds_imagenet64(tmp_path / "z") and nb.holds_imagenet64(tmp_path / "n")
+    searched = []
+    monkeypatch.setattr(nb, "find_sources", lambda *a, **k: searched.append(a) or [])
+    cfg = nb.make_config("demo", data_root=str(tmp_path / "f"), val_fraction=0.5, cache_dir=str(tmp_path / "c"))
+    train, val = nb.load_datasets(cfg, verbose=False)
+    assert searched == [] and len(train) + len(val) == 8
+
+
 # --- your own files --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
