@@ -196,7 +196,8 @@ def test_a_refused_checkpoint_leaves_the_next_cell_a_clear_error(interrupted_and
     for src in evaluation:   # the section's own definitions too: the cells below need them
         if src.lstrip().startswith(EXPORT_MARK):
             kernel.run_ok(src)
-    load_cell = next(src for src in evaluation if "trained_teacher(cfg, device)" in src)
+    load_cell = next(src for src in evaluation   # the cell that loads the teacher, not the one defining it
+                     if "trained_teacher(cfg, device)" in src and not src.lstrip().startswith(EXPORT_MARK))
     next_cell = next(src for src in evaluation[evaluation.index(load_cell) + 1:]
                      if "teacher_backbone" in src and not src.lstrip().startswith(EXPORT_MARK))
     kernel.run_ok(load_cell)  # the demo checkpoint fits the demo profile
