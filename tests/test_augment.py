@@ -191,15 +191,15 @@ def test_gaussian_blur_matches_torchvision(nb, cfg):
 
 
 def test_whole_pipeline_matches_torchvision_chain(nb, cfg):
-    """Sampled parameters applied by augment_views == torchvision ops applied image by image, in DINO's order."""
+    """Sampled parameters applied by augment_crops == torchvision ops applied image by image, in DINO's order."""
     cfg = dataclasses.replace(cfg, solarize_p=0.5, grayscale_p=0.3)
     g = torch.Generator().manual_seed(0)
     images = float_images(6, seed=1)
     size, blur_size = cfg.local_crop_size, nb.blur_kernel_size(cfg)
-    uniforms = torch.rand(4, 6, nb.UNIFORMS_PER_VIEW, generator=g)
-    half = nb.per_view([0.5] * 4, "cpu")
-    params = nb.view_params(cfg, uniforms, (64, 64), cfg.local_crop_scale, half, half)
-    ours = nb.augment_views(images, params, size, cfg, blur_size)
+    uniforms = torch.rand(4, 6, nb.UNIFORMS_PER_CROP, generator=g)
+    half = nb.per_crop([0.5] * 4, "cpu")
+    params = nb.crop_params(cfg, uniforms, (64, 64), cfg.local_crop_scale, half, half)
+    ours = nb.augment_crops(images, params, size, cfg, blur_size)
     errors = []
     for v in range(4):
         for b in range(6):
@@ -226,9 +226,9 @@ def test_sampled_probabilities_and_ranges(nb):
     cfg = nb.make_config("imagenet64")
     g = torch.Generator().manual_seed(0)
     n = 20_000
-    n_views, _, scale, blur_p, solarize_p = nb.MultiCropAugmentation(cfg, device="cpu").view_groups[0]  # global crops
-    uniforms = torch.rand(n_views, n, nb.UNIFORMS_PER_VIEW, generator=g)
-    params = nb.view_params(cfg, uniforms, (64, 64), scale, blur_p, solarize_p)
+    n_crops, _, scale, blur_p, solarize_p = nb.MultiCropAugmentation(cfg, device="cpu").crop_groups[0]  # global crops
+    uniforms = torch.rand(n_crops, n, nb.UNIFORMS_PER_CROP, generator=g)
+    params = nb.crop_params(cfg, uniforms, (64, 64), scale, blur_p, solarize_p)
 
     def rate_ok(mask, p):
         return abs(mask.float().mean().item() - p) <= 5 * math.sqrt(p * (1 - p) / mask.numel()) + 1e-9

@@ -102,7 +102,7 @@ def main():
         if torch.cuda.is_available():
             gpu_batch = batch.cuda()
             for compiled in (False, True):
-                augment = nb.MultiCropAugmentation(cfg, device="cuda", compile_views=compiled)
+                augment = nb.MultiCropAugmentation(cfg, device="cuda", compile_crops=compiled)
                 ours_gpu = time_batched(augment, gpu_batch, args.gpu_repeats, cuda=True)
                 label = "torch.compile" if compiled else "eager        "
                 print(f"  ours, batched, GPU, {label}              : {ours_gpu:10,.0f} images/s   "
