@@ -194,8 +194,8 @@ def test_no_data_without_fallback_is_an_error(nb, tmp_path):
 
 def test_config_profiles_and_unknown_fields(nb):
     assert nb.make_config("imagenet64") == nb.Config()
-    demo = nb.make_config("demo", epochs=3)
-    assert demo.profile == "demo" and demo.epochs == 3 and demo.arch == "vit_tiny"
+    demo = nb.make_config("demo", epochs=5)
+    assert demo.profile == "demo" and demo.epochs == 5 and demo.arch == "vit_tiny"
     with pytest.raises(ValueError, match="epoch_count"):
         nb.make_config("demo", epoch_count=3)
     with pytest.raises(ValueError, match="unknown profile"):
