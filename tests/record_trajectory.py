@@ -1,0 +1,71 @@
+"""Record (or compare against) the float32 CPU trajectory of the training step.
+
+The step's numerics are pinned by a recording: 10 steps of a small run through the warm-up, the frozen
+last layer, the teacher-temperature warm-up, drop path and the EMA, made with the step as it was when its
+numerics were checked against the authors' `train_one_epoch`. `tests/test_trajectory.py` replays it after
+every change. Run this file only to make a new recording, after a deliberate change of the numerics:
+    python tests/record_trajectory.py   (writes tests/data/step_trajectory.json)
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+RECORDING = HERE / "data" / "step_trajectory.json"
+SAMPLES = 8   # values kept per tensor, at fixed positions
+
+
+def trajectory_config(nb, checkpoint_dir):
+    """10 steps: 2 per epoch for 5 epochs, warm-up 1 epoch, last layer frozen for 1, temperature 0.04 ->
+    0.07 over 2, a weight-normalised last layer with a free magnitude, drop path, 2 local crops."""
+    return nb.make_config("demo", patch_size=16, out_dim=256, head_hidden_dim=64, head_bottleneck_dim=32,
+                          batch_size=4, n_local_crops=2, epochs=5, warmup_epochs=1, freeze_last_layer=1,
+                          warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=2,
+                          norm_last_layer=False, drop_path_rate=0.1, momentum_teacher=0.99, base_lr=4e-3,
+                          max_train_images=0, checkpoint_dir=str(checkpoint_dir))
+
+
+def images():
+    return torch.from_numpy(np.random.default_rng(0).integers(0, 256, (8, 3, 64, 64), dtype=np.uint8))
+
+
+def run(nb, checkpoint_dir):
+    """(losses of the 10 steps, the trainer after them), float32 on the CPU, one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = trajectory_config(nb, checkpoint_dir)
+        nb.seed_everything(cfg.seed)
+        trainer = nb.DINOTrainer(cfg, 8, torch.device("cpu"))
+        data, losses = images(), []
+        for step in range(10):
+            batch = data[:4] if step % 2 == 0 else data[4:]
+            losses.append(float(nb.train_step(trainer, batch, diagnostics=True)["loss"]))
+        return losses, trainer
+    finally:
+        torch.set_num_threads(threads)
+
+
+def samples(tensor):
+    flat = tensor.detach().double().flatten()
+    positions = np.linspace(0, flat.numel() - 1, min(SAMPLES, flat.numel())).round().astype(np.int64)
+    return dict(norm=flat.norm().item(), sum=flat.sum().item(), values=flat[positions].tolist())
+
+
+def summary(trainer):
+    models = dict(student=trainer.student, teacher=trainer.teacher, loss=trainer.loss)
+    return {name: {k: samples(v) for k, v in model.state_dict().items() if v.is_floating_point()}
+            for name, model in models.items()}
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    from nbloader import load_notebook
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        losses, trainer = run(load_notebook(), folder)
+    RECORDING.write_text(json.dumps(dict(losses=losses, after_10_steps=summary(trainer)), indent=0) + "\n")
+    print(f"wrote {RECORDING}: losses {[round(x, 5) for x in losses]}")
