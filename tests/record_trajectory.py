@@ -43,7 +43,7 @@ def run(nb, checkpoint_dir):
         data, losses = images(), []
         for step in range(10):
             batch = data[:4] if step % 2 == 0 else data[4:]
-            losses.append(float(nb.train_step(trainer, batch, diagnostics=True)["loss"]))
+            losses.append(float(nb.train_step(trainer, batch)["loss"]))
         return losses, trainer
     finally:
         torch.set_num_threads(threads)
