@@ -10,6 +10,7 @@ Run: python tests/benchmarks/bench_train.py [--device cuda] [--archs vit_tiny vi
      python tests/benchmarks/bench_train.py --compare OLD.ipynb [--rounds 8]   (CPU step, old vs this
      notebook, interleaved; e.g. OLD.ipynb from `git show <commit>:dino_vit.ipynb > OLD.ipynb`)
 """
+import math
 import platform
 import statistics
 import argparse
@@ -79,17 +80,25 @@ def main():
     p.add_argument("--gpu-path-on", default=None, help="run the GPU comparison on this device (e.g. cpu, to check it)")
     p.add_argument("--compare", default=None, help="another notebook file: time its CPU step against this one's")
     p.add_argument("--rounds", type=int, default=8, help="interleaved rounds of --compare")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="GPU: the step variants measured for vit_small (the other sizes: graphs)")
+    p.add_argument("--before", default=None, help="GPU: another notebook file whose step is measured too")
+    p.add_argument("--official", default=None, help="GPU: a checkout of facebookresearch/dino to time its step")
+    p.add_argument("--no-profile", action="store_true")
     a = p.parse_args()
     nb = load_notebook()
     device = torch.device(a.device)
-    if a.compare:
+    if a.compare and device.type == "cpu":
         compare_cpu(load_notebook(a.compare, name="dino_vit_other"), nb, a.rounds)
     elif a.gpu_path_on:
-        run_gpu(nb, torch.device(a.gpu_path_on), a.archs or ["vit_small"], a.steps or 2, a.workers, a.batch)
+        run_gpu(nb, torch.device(a.gpu_path_on), a.archs or ["vit_small"], a.steps or 2, a.workers, a.batch,
+                a.variants, profile=False)
     elif device.type == "cpu":
         run_cpu(nb, a.steps or 3)
     else:
-        run_gpu(nb, device, a.archs or ["vit_tiny", "vit_small", "vit_base"], a.steps or 20, a.workers, a.batch)
+        old = load_notebook(a.before, name="dino_vit_before") if a.before else None
+        run_gpu(nb, device, a.archs or ["vit_tiny", "vit_small", "vit_base"], a.steps or 20, a.workers, a.batch,
+                a.variants, old, a.official, not a.no_profile)
 
 
 def cpu_trainer(nb):
@@ -166,45 +175,212 @@ def per_image_loader(nb, cfg, images, workers):
         yield from loader
 
 
-def run_gpu(nb, device, archs, steps, workers, batch_size):
+VARIANTS = {"eager": dict(compile=False, cuda_graphs=False), "graphs": dict(compile=False, cuda_graphs=True),
+            "compile": dict(compile=True, cuda_graphs=False), "compile+graphs": dict(compile=True, cuda_graphs=True)}
+
+
+def timed_steps(nb, trainer, batches, steps, read_every=10):
+    """(images/s over `steps` steps, seconds of the first 3 steps): the loop's cadence, figures read
+    back every `read_every` steps as run_epoch does with log_every_steps=10."""
+    sync(trainer.device)
+    start = time.perf_counter()
+    for _ in range(3):   # compile, the eager steps and the recording of a CUDA graph happen here
+        nb.train_step(trainer, next(batches), True)
+    sync(trainer.device)
+    first = time.perf_counter() - start
+    start, n = time.perf_counter(), 0
+    for i in range(steps):
+        batch = next(batches)
+        n += len(batch)
+        nb.train_step(trainer, batch, (i + 1) % read_every == 0)
+    sync(trainer.device)
+    return n / (time.perf_counter() - start), first
+
+
+def gpu_variant(nb, arch, variant, images, device, steps, batch_size):
+    cfg = nb.make_config("imagenet64", arch=arch, checkpoint_dir="/tmp/bench_train", num_workers=6,
+                         batch_size=batch_size, **VARIANTS[variant])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    nb.seed_everything(0)
+    trainer = nb.DINOTrainer(cfg, len(images), device)
+    on_gpu = torch.from_numpy(images[:cfg.batch_size]).to(device)
+    compute, first = timed_steps(nb, trainer, repeat(on_gpu), steps)
+    batches = nb.batch_loader(images, nb.epoch_batches(len(images), cfg.batch_size, 0, 0) * 10, cfg.num_workers,
+                              pin_memory=device.type == "cuda")
+    fed, _ = timed_steps(nb, trainer, batches, steps)
+    overhead = first - 3 * cfg.batch_size / compute
+    memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return trainer, dict(compute=compute, fed=fed, overhead=overhead, memory=memory)
+
+
+def run_gpu(nb, device, archs, steps, workers, batch_size, variants, old_nb=None, official=None, profile=True):
     cuda = device.type == "cuda"
     peak = matmul_rate(device, torch.bfloat16 if cuda else torch.float32, 8192 if cuda else 1024)
     print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}; measured "
-          f"{'bf16' if cuda else 'fp32'} matmul {peak / 1e12:.2f} TFLOP/s")
+          f"{'bf16' if cuda else 'fp32'} matmul {peak / 1e12:.2f} TFLOP/s", flush=True)
     images = np.random.default_rng(0).integers(0, 256, (max(8192, 40 * batch_size), 3, 64, 64), dtype=np.uint8)
     for arch in archs:
-        cfg = nb.make_config("imagenet64", arch=arch, checkpoint_dir="/tmp/bench_train", num_workers=4,
-                             batch_size=batch_size)
-        trainer = nb.DINOTrainer(cfg, len(images), device)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        on_gpu = torch.from_numpy(images[:cfg.batch_size]).to(device)
-        flops = flops_per_image(nb, trainer, on_gpu)
-        compute = step_rate(nb, trainer, repeat(on_gpu), steps)
-        batches = nb.batch_loader(images, nb.epoch_batches(len(images), cfg.batch_size, 0, 0) * 10,
-                                  cfg.num_workers, pin_memory=cuda)
-        fed = step_rate(nb, trainer, batches, steps)
-        augment = trainer.augment
-        sync(device)
+        print(f"\n[{arch}/8] imagenet64 step, batch {batch_size}, 2x64 + 10x32 crops, out_dim 65536, bf16; "
+              f"figures read back every 10 steps", flush=True)
+        flops = None
+        for variant in (variants if arch == "vit_small" else ["graphs"]):
+            try:
+                trainer, r = gpu_variant(nb, arch, variant, images, device, steps, batch_size)
+            except Exception as error:   # a variant that fails is reported, the others still run
+                print(f"  {variant:15s}: FAILED {type(error).__name__}: {str(error)[:300]}", flush=True)
+                continue
+            if flops is None:
+                flops = flops_per_image(nb, trainer, torch.from_numpy(images[:batch_size]).to(device))
+            print(f"  {variant:15s}: {r['compute']:8,.0f} images/s (data on the GPU), {r['fed']:8,.0f} from the "
+                  f"memmap; MFU {100 * r['fed'] * flops / 989e12:.0f}% of 989 TFLOP/s dense bf16 "
+                  f"({100 * r['fed'] * flops / peak:.0f}% of measured); first 3 steps +{r['overhead']:.1f} s; "
+                  f"peak memory {r['memory']:.1f} GiB", flush=True)
+            if profile and arch == "vit_small" and variant in ("eager", "graphs", "compile+graphs"):
+                try:
+                    print(profile_table(nb, trainer, torch.from_numpy(images[:batch_size]).to(device), variant))
+                except Exception as error:
+                    print(f"  profile of {variant} FAILED: {type(error).__name__}: {error}")
+            del trainer
+            if cuda:
+                torch.cuda.empty_cache()
+        print(f"  model FLOPs {flops / 1e9:.1f} GFLOP/image" if flops else "", flush=True)
+        if arch == "vit_small" and old_nb is not None:
+            old = old_nb.make_config("imagenet64", checkpoint_dir="/tmp/bench_train_old", num_workers=6)
+            old_trainer = old_nb.DINOTrainer(old, len(images), device)
+            rate = step_rate(old_nb, old_trainer, repeat(torch.from_numpy(images[:batch_size]).to(device)), steps)
+            print(f"  {'before (eager)':15s}: {rate:8,.0f} images/s (data on the GPU): the step as it was", flush=True)
+            del old_trainer
+            torch.cuda.empty_cache()
+        if arch == "vit_small" and official:
+            try:
+                print(f"  {'official code':15s}: {official_step_rate(official, device, batch_size, steps):8,.0f} "
+                      f"images/s (its modules, fp16 autocast + GradScaler, crops ready on the GPU)", flush=True)
+            except Exception as error:
+                print(f"  official code FAILED: {type(error).__name__}: {error}", flush=True)
+
+
+KERNEL_KINDS = [  # (kind, pattern in the kernel name), first match wins
+    ("matmul", r"gemm|cutlass|xmma|cublas|nvjet|wgmma|gemv|splitK"),
+    ("attention", r"flash|fmha|attention|sdpa|efficient"),
+    ("patch conv", r"conv|implicit|cudnn|winograd"),
+    ("fused (Inductor)", r"^triton_"),
+    ("norm", r"layer_norm|LayerNorm|norm_kernel"),
+    ("GELU", r"gelu|Gelu"),
+    ("softmax", r"softmax|Softmax"),
+    ("optimizer + clip + EMA", r"adam|Adam|multi_tensor|foreach|MultiTensor"),
+    ("copies", r"[Mm]emcpy|[Mm]emset|copy|cat_|CatArray"),
+    ("reductions", r"reduce|Reduce"),
+    ("elementwise", r"elementwise|vectorized|unrolled|Elementwise"),
+]
+
+
+def profile_table(nb, trainer, batch, variant, steps=5):
+    """Where the GPU time of a step goes, from torch.profiler: busy time by kernel kind, the idle gaps
+    between kernels, kernels and host syncs per step; regions of the eager step by record_function."""
+    import re
+    from torch.profiler import ProfilerActivity, profile, record_function
+    regions = {"augmentation": (trainer, "augment"), "loss (forward)": (trainer.loss, "forward"),
+               "optimizer step": (trainer.optimizer, "step")}
+    originals = {name: getattr(owner, attr) for name, (owner, attr) in regions.items()}
+
+    def recorded(call, name):
+        def wrapper(*args, **kwargs):
+            with record_function(name):
+                return call(*args, **kwargs)
+        return wrapper
+    for name, (owner, attr) in regions.items():
+        setattr(owner, attr, recorded(originals[name], name))
+    try:
+        for i in range(3):
+            nb.train_step(trainer, batch, True)
+        sync(trainer.device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(steps):
+                nb.train_step(trainer, batch, i == steps - 1)
+            sync(trainer.device)
+    finally:
+        for name, (owner, attr) in regions.items():
+            setattr(owner, attr, originals[name])
+    events = prof.events()
+    gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in gpu)
+    busy, end = 0.0, -1.0
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    wall = spans[-1][1] - spans[0][0]
+    by_kind = {}
+    for e in gpu:
+        kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, e.name)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.time_range.elapsed_us()
+    syncs = sum(1 for e in events if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                 "cudaEventSynchronize", "aten::_local_scalar_dense"))
+    lines = [f"  profile ({variant}, {steps} steps): GPU span {wall / steps / 1e3:.1f} ms/step, busy "
+             f"{busy / steps / 1e3:.1f} ms, idle gaps {(wall - busy) / steps / 1e3:.1f} ms "
+             f"({100 * (wall - busy) / wall:.0f}%); {len(gpu) / steps:.0f} kernels and copies per step; "
+             f"{syncs / steps:.1f} host syncs per step"]
+    total = sum(by_kind.values())
+    for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        lines.append(f"    {kind:24s} {us / steps / 1e3:7.2f} ms/step  {100 * us / total:5.1f}% of kernel time")
+    averages = {a.key: a for a in prof.key_averages()}
+    for name in regions:
+        if name in averages:
+            device_us = getattr(averages[name], "device_time_total", getattr(averages[name], "cuda_time_total", 0))
+            lines.append(f"    region {name:17s} {device_us / steps / 1e3:7.2f} ms/step of kernels")
+    return "\n".join(lines)
+
+
+def official_step_rate(path, device, batch_size, steps):
+    """The official code's training step (its modules, as main_dino.py's train_one_epoch runs them on one
+    GPU: fp16 autocast, GradScaler, its per-parameter clipping and EMA loop) on crops already on the GPU."""
+    import os
+    import torch.distributed as dist
+    sys.path.insert(0, str(path))
+    import main_dino
+    import utils as official_utils
+    import vision_transformer as vits
+    if not dist.is_initialized():   # its loss all-reduces the centre
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        make = lambda rate: official_utils.MultiCropWrapper(vits.vit_small(patch_size=8, drop_path_rate=rate),
+                                                            vits.DINOHead(384, 65536, False, False)).to(device)
+        student, teacher = make(0.1), make(0.0)
+        teacher.load_state_dict(student.state_dict())
+        for p in teacher.parameters():
+            p.requires_grad = False
+        loss_fn = main_dino.DINOLoss(65536, 12, 0.04, 0.07, 30, 100).to(device)
+        optimizer = torch.optim.AdamW(official_utils.get_params_groups(student))
+        scaler = torch.amp.GradScaler("cuda")
+        crops = [torch.randn(batch_size, 3, s, s, device=device) for s in [64] * 2 + [32] * 10]
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.float16):
+                teacher_output, student_output = teacher(crops[:2]), student(crops)
+                loss = loss_fn(student_output, teacher_output, 0)
+            assert math.isfinite(loss.item())
+            optimizer.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            official_utils.clip_gradients(student, 3.0)
+            official_utils.cancel_gradients_last_layer(1, student, 1)
+            scaler.step(optimizer)
+            scaler.update()
+            with torch.no_grad():
+                for param_q, param_k in zip(student.parameters(), teacher.parameters()):
+                    param_k.data.mul_(0.9995).add_((1 - 0.9995) * param_q.detach().data)
+            torch.cuda.synchronize()
+        for _ in range(3):
+            step()
         start = time.perf_counter()
         for _ in range(steps):
-            augment(on_gpu)
-        sync(device)
-        aug_share = (time.perf_counter() - start) / steps / (cfg.batch_size / compute)
-        mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-        print(f"\n[{arch}/8] imagenet64 step, batch {cfg.batch_size}, 2x64 + {cfg.n_local_crops}x32, bf16")
-        print(f"  ours, data on GPU   : {compute:8,.0f} images/s, {flops / 1e9:.1f} GFLOP/image, "
-              f"MFU {100 * compute * flops / 989e12:.0f}% of 989 TFLOP/s dense bf16 "
-              f"({100 * compute * flops / peak:.0f}% of measured matmul); peak memory {mem:.1f} GiB; "
-              f"augmentation {100 * aug_share:.0f}% of the step")
-        print(f"  ours, from memmap   : {fed:8,.0f} images/s (GPU busy {100 * fed / compute:.0f}% of the step)")
-        if arch == "vit_small":
-            classic = step_rate(nb, trainer, per_image_loader(nb, cfg, images, workers), steps)
-            print(f"  per-image CPU pipeline, {workers} workers: {classic:8,.0f} images/s -> ours is "
-                  f"{fed / classic:.1f}x (goal >= 3x)")
-        del trainer
-        if cuda:
-            torch.cuda.empty_cache()
+            step()
+        return steps * batch_size / (time.perf_counter() - start)
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,140 @@
+"""Does a recipe learn in the time a user has? One command for the evidence.
+
+Trains a profile of the notebook on its generated shapes (ShapesDataset: ten classes, random position,
+size, rotation, colours and background; raw pixels near chance) for a budget, and writes the curve:
+weighted k-NN top-1 of the teacher per epoch (epoch 0 = random init) against the raw-pixel line, the
+loss, the teacher's entropy, KL(teacher || student), images/s, and the Jaccard similarity between the
+teacher's attention mask (the notebook's mass fraction, mean of the heads) and the objects' masks.
+Output: tests/benchmarks/results/learn-<name>.json, with the machine named.
+
+    python tests/benchmarks/bench_learn.py --name cpu-short --profile short --images 10000 --img-size 32 ...
+    python tests/benchmarks/bench_learn.py --name gpu-short --profile short --images 50000 --device cuda
+"""
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from nbloader import load_notebook  # noqa: E402
+
+
+def machine(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), platform.processor() or "CPU")
+    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def parse_value(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def knn_top1(nb, features, train, val, cfg, device, bank):
+    """Weighted k-NN top-1 (%) of all of val against `bank` training images, evenly spaced."""
+    chosen = np.linspace(0, len(train) - 1, min(bank, len(train))).round().astype(np.int64)
+    return nb.knn_classify(features(train.images[chosen]), train.labels[chosen], features(val.images), val.labels,
+                           k=cfg.knn_k, T=cfg.knn_temperature, device=device)[cfg.knn_k][0]
+
+
+def raw_pixels(nb, device):
+    return lambda images: nb.normalize_uint8(torch.from_numpy(np.asarray(images)).to(device)).flatten(1).cpu()
+
+
+def attention_jaccard(nb, backbone, val, cfg, n=500):
+    """Mean Jaccard similarity between the teacher's attention mask (mean of the heads, the smallest
+    set of patches holding cfg.attn_threshold of the mass) and each object's mask, at the patch grid."""
+    patch, images, masks = cfg.patch_size, val.images[:n], torch.from_numpy(val.masks[:n])
+    maps = torch.cat([nb.cls_attention_maps(backbone, torch.from_numpy(images[s:s + 250]))
+                      for s in range(0, len(images), 250)])
+    kept = nb.attention_mass_mask(maps.mean(dim=1), cfg.attn_threshold)            # (n, h, w)
+    pixels = kept.repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2)
+    objects = masks[:, :pixels.shape[1], :pixels.shape[2]]
+    union = (pixels | objects).flatten(1).sum(1).clamp(min=1)
+    return ((pixels & objects).flatten(1).sum(1) / union).mean().item()
+
+
+def evaluate(nb, trainer, train, val, device, bank):
+    backbone, cfg = trainer.teacher.backbone, trainer.cfg
+    features = lambda images: nb.extract_features(backbone, images, batch_size=500, device=device)
+    return dict(knn_top1=knn_top1(nb, features, train, val, cfg, device, bank),
+                attention_jaccard=attention_jaccard(nb, backbone, val, cfg))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--name", required=True)
+    p.add_argument("--profile", default="short")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="Config overrides")
+    p.add_argument("--images", type=int, default=50_000, help="training images")
+    p.add_argument("--val-images", type=int, default=None, help="held-out images (default: a fifth)")
+    p.add_argument("--bank", type=int, default=20_000, help="training images in the k-NN memory bank")
+    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--minutes", type=float, default=10.0, help="stop training after this much time")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=str(HERE / "results"))
+    a = p.parse_args()
+    nb, device = load_notebook(), torch.device(a.device)
+    overrides = dict(field.split("=", 1) for field in a.set)
+    cfg = nb.make_config(a.profile, **{"img_size": a.img_size, "global_crop_size": a.img_size,
+                                      "local_crop_size": a.img_size // 2, "max_train_images": 0,
+                                      **{k: parse_value(v) for k, v in overrides.items()},
+                                      "checkpoint_dir": tempfile.mkdtemp(prefix="bench-learn-")})
+    start = time.perf_counter()
+    train = nb.ShapesDataset(a.images, a.img_size, seed=1)
+    val = nb.ShapesDataset(a.val_images or a.images // 5, a.img_size, seed=2)
+    made = time.perf_counter() - start
+    nb.seed_everything(cfg.seed)
+    trainer = nb.DINOTrainer(cfg, len(train), device)
+    raw = knn_top1(nb, raw_pixels(nb, device), train, val, cfg, device, a.bank)
+    result = dict(machine=machine(device), device=device.type, profile=a.profile, settings=overrides,
+                  config={k: v for k, v in json.loads(json.dumps(vars(cfg))).items() if not k.startswith("_")},
+                  data=dict(name="ShapesDataset", train=len(train), val=len(val), knn_bank=min(a.bank, len(train)), img_size=a.img_size,
+                            classes=len(nb.SHAPE_CLASSES), seconds_to_make=round(made, 1)),
+                  command=" ".join(sys.argv), raw_pixel_knn=raw, epochs=[dict(epoch=0, **evaluate(nb, trainer, train, val, device, a.bank))])
+    print(f"{a.name}: {machine(device)}; raw pixels {raw:.1f}%; init {result['epochs'][0]}", flush=True)
+    train_seconds, alarms = 0.0, []
+    while trainer.epoch < cfg.epochs and train_seconds < 60 * a.minutes:
+        batches = nb.epoch_batches(len(train), cfg.batch_size, trainer.epoch, cfg.seed)
+        loader = nb.batch_loader(train.images, batches, cfg.num_workers, pin_memory=device.type == "cuda")
+        rows, tick, images_seen = [], time.perf_counter(), 0
+        for images in loader:
+            log_now = trainer.step % cfg.log_every_steps == 0
+            stats = nb.train_step(trainer, images, log_now)
+            rows += [stats] if log_now else []
+            images_seen += len(images)
+            if train_seconds + time.perf_counter() - tick > 60 * a.minutes:
+                break
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - tick
+        train_seconds += seconds
+        alarm = nb.stall_alarm(rows, cfg, trainer.epoch - 1) if hasattr(nb, "stall_alarm") else None
+        alarms += [dict(epoch=trainer.epoch, message=alarm)] if alarm else []
+        mean = lambda key: float(np.mean([r[key] for r in rows]))
+        epoch = dict(epoch=round(trainer.step / trainer.iters_per_epoch, 3), **evaluate(nb, trainer, train, val, device, a.bank),
+                     loss=mean("loss"), entropy=mean("entropy"), kl=mean("kl"), images_per_s=images_seen / seconds)
+        result["epochs"].append(epoch)
+        print(f"  epoch {epoch['epoch']:g}: " + ", ".join(f"{k} {v:.3f}" for k, v in epoch.items() if k != "epoch")
+              + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+    result.update(minutes=(time.perf_counter() - start) / 60, train_minutes=train_seconds / 60,
+                  max_entropy=float(np.log(cfg.out_dim)), alarms=alarms)
+    out = Path(a.out) / f"learn-{a.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
