@@ -46,8 +46,13 @@ def matmul_rate(device, dtype, n):
 
 
 def flops_per_image(nb, trainer, batch):
-    with FlopCounterMode(display=False) as counter:
-        nb.train_step(trainer, batch)
+    """Model FLOPs of one step per image, counted on an eager step (a graph replay dispatches no ops)."""
+    captured, trainer.captured = getattr(trainer, "captured", None), None
+    try:
+        with FlopCounterMode(display=False) as counter:
+            nb.train_step(trainer, batch)
+    finally:
+        trainer.captured = captured
     return counter.get_total_flops() / len(batch)
 
 
@@ -267,7 +272,7 @@ KERNEL_KINDS = [  # (kind, pattern in the kernel name), first match wins
     ("fused (Inductor)", r"^triton_"),
     ("norm", r"layer_norm|LayerNorm|norm_kernel"),
     ("GELU", r"gelu|Gelu"),
-    ("softmax", r"softmax|Softmax"),
+    ("softmax", r"softmax|Softmax|SoftMax"),
     ("optimizer + clip + EMA", r"adam|Adam|multi_tensor|foreach|MultiTensor"),
     ("copies", r"[Mm]emcpy|[Mm]emset|copy|cat_|CatArray"),
     ("reductions", r"reduce|Reduce"),
