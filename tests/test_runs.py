@@ -43,7 +43,7 @@ def test_unreadable_settings_name_the_file(nb, tmp_path):
 
 
 def test_trained_teacher_comes_from_a_finished_run_only(nb, tmp_path):
-    cfg = tiny(nb, tmp_path, demo_checkpoint=str(tmp_path / "absent.pth"))
+    cfg = dataclasses.replace(tiny(nb, tmp_path), demo_checkpoint=str(tmp_path / "absent.pth"))
     with pytest.raises(FileNotFoundError, match="run the Training section"):
         nb.trained_teacher(cfg, torch.device("cpu"))
     trained = nb.build_backbone(cfg, drop_path_rate=0.0)
