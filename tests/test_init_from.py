@@ -33,6 +33,7 @@ def test_dino_release_backbone_starts_both_networks(nb, tmp_path, capsys):
     torch.save(state, tmp_path / "dino_deittiny8_pretrain.pth")
     student, teacher = nb.build_models(config(nb, tmp_path / "dino_deittiny8_pretrain.pth"), torch.device("cpu"))
     assert capsys.readouterr().out.count("head starts fresh") == 1
+    assert nb.start_label(config(nb, tmp_path / "dino_deittiny8_pretrain.pth")) == "start (dino_deittiny8_pretrain.pth)"
     loaded = student.backbone.state_dict()
     assert torch.equal(loaded["pos_embed"], dino_interpolation(state["pos_embed"], 8))    # 224 px -> 64 px
     assert all(torch.equal(loaded[k], v) for k, v in state.items() if k != "pos_embed")
