@@ -246,3 +246,16 @@ def test_a_flat_folder_trains_and_says_evaluation_is_skipped(nb, tmp_path, capsy
     assert [r for r in history if r["kind"] == "eval"] == []
     with pytest.raises(nb.DataError, match="no class folders"):
         nb.knn_accuracy(trainer.teacher.backbone, data, data, trainer.cfg, torch.device("cpu"))
+
+
+def test_the_loader_starts_no_more_workers_than_there_are_cores(nb):
+    import warnings
+    data = Data(n=32)
+    batches = nb.epoch_batches(len(data), 4, epoch=0, seed=0)
+    cores = len(os.sched_getaffinity(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # torch warns when asked for more workers than cores
+        loader = nb.batch_loader(data.images, batches, num_workers=cores + 6)   # paper224 asks for 8
+        assert loader._num_workers == cores
+        got = [b.numpy() for b in loader]
+    assert all(np.array_equal(g, data.images[b]) for g, b in zip(got, batches)) and len(got) == len(batches)
