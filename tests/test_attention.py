@@ -149,7 +149,10 @@ def test_photo_for_attention_caps_the_long_side(nb):
 # ---------------------------------------------------------------- official checkpoint
 
 def test_missing_checkpoint_says_where_and_returns_none(nb, tmp_path, capsys):
-    cfg = nb.make_config("demo", pretrained_path=str(tmp_path / "nothing_here.pth"))
+    # the release files are optional where the config's default names them; given by hand, one must exist
+    with pytest.raises(nb.ConfigError, match="pretrained_path=.*nothing_here.pth': no such file"):
+        nb.make_config("demo", pretrained_path=str(tmp_path / "nothing_here.pth"))
+    cfg = nb.dataclasses.replace(nb.make_config("demo"), pretrained_path=str(tmp_path / "nothing_here.pth"))
     assert nb.load_pretrained_dino(cfg) is None
     message = capsys.readouterr().out
     assert "nothing_here.pth" in message and nb.DINO_VITS8_URL in message

@@ -91,3 +91,46 @@ def test_figure_names_stay_in_the_figure_folder(nb, tmp_path):
     assert nb.save_figure(fig, cfg, "line_art", photo=False) == tmp_path / "figures" / "demo" / "line_art.png"
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["demo", "figures", "fine_name.jpg", "line_art.png"]
     plt.close(fig)
+
+
+@pytest.mark.parametrize("name, close", [("lr", "'base_lr' or 'min_lr' or 'probe_lr'"), ("epoch_count", "'epochs'"),
+                                         ("datadir", "'data_root'"), ("init", "'init_from'")])
+def test_an_unknown_field_offers_the_closest_names(nb, name, close):
+    with pytest.raises(nb.ConfigError, match=f"unknown Config field.*'{name}' \\(did you mean {close}"):
+        nb.make_config("demo", **{name: 1})
+
+
+def test_architecture_table_is_what_the_vit_section_builds(nb):
+    import torch
+    assert set(nb.ARCH_SHAPES) == set(nb.CONFIG_ARCHS) == set(nb.VIT_ARCHS)
+    with torch.device("meta"):
+        for arch, shape in nb.ARCH_SHAPES.items():
+            model = nb.VIT_ARCHS[arch]()
+            assert (model.embed_dim, len(model.blocks), model.num_heads) == tuple(shape.values())
+            assert nb.HEADS_BY_WIDTH[model.embed_dim] == model.num_heads
+
+
+def test_own_images_and_evaluate_file_are_checked_when_given(nb, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "dog.jpg").write_bytes(b"")
+    cfg = nb.make_config("demo", own_images="~/pics")
+    assert cfg.own_images == (str(tmp_path / "pics"),)
+    assert nb.make_config("demo", own_images=["~/dog.jpg", "~/pics"]).own_images == \
+        (str(tmp_path / "dog.jpg"), str(tmp_path / "pics"))
+    with pytest.raises(nb.ConfigError, match=f"own_images='{tmp_path}/cat.jpg': no such file or folder"):
+        nb.make_config("demo", own_images=["~/dog.jpg", "~/cat.jpg"])
+    with pytest.raises(nb.ConfigError, match="own_images=.*must be a list of image files or folders"):
+        nb.make_config("demo", own_images=[3])
+    with pytest.raises(nb.ConfigError, match="evaluate_file=.*dog.jpg': not a checkpoint"):
+        nb.make_config("demo", evaluate_file="~/dog.jpg")
+    import torch
+    torch.save(nb.vit_tiny(patch_size=8, img_size=224).state_dict(), tmp_path / "tiny224.pth")
+    with pytest.raises(nb.ConfigError, match="a 28x28 position grid in the file vs 8x8 for img_size=64"):
+        nb.make_config("demo", evaluate_file=str(tmp_path / "tiny224.pth"))   # loaded as is: the grid must fit
+    assert nb.make_config("demo", init_from=str(tmp_path / "tiny224.pth")).init_from   # resized: fine
+
+
+def test_errors_of_settings_data_and_checkpoints_show_as_their_message_alone(nb):
+    for error in (nb.ConfigError("Config.x=1: must be > 1"), nb.DataError("f: bad"), nb.CheckpointError("c: bad")):
+        assert error._render_traceback_() == [f"{type(error).__name__}: {error}"]   # IPython's (papermill's) view

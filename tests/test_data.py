@@ -1,4 +1,5 @@
 """ImageNet-64 loading: official formats written by the tests, the cache, and every bad input."""
+import dataclasses
 import os
 import pickle
 import zipfile
@@ -172,8 +173,7 @@ def test_imagenet64_on_a_folder_of_images_points_to_image_folder(nb, photo, tmp_
 
 
 def test_embedded_sample_is_official_format(nb, tmp_path):
-    cfg = nb.make_config("demo", data_root=str(tmp_path / "none"), embedded_dir=str(tmp_path / "emb"),
-                         cache_dir=str(tmp_path / "c"))
+    cfg = nb.make_config("demo", embedded_dir=str(tmp_path / "emb"), cache_dir=str(tmp_path / "c"))   # no data_root
     train, val = nb.load_datasets(cfg, verbose=False)
     with open(tmp_path / "emb" / "train_data_batch_1", "rb") as f:
         batch = pickle.load(f)
@@ -186,10 +186,22 @@ def test_embedded_sample_is_official_format(nb, tmp_path):
     assert len(set(map(bytes, train.images[:50])) & set(map(bytes, val.images))) == 0
 
 
-def test_no_data_without_fallback_is_an_error(nb, tmp_path):
-    cfg = nb.make_config("imagenet64", data_root=str(tmp_path / "none"))
-    with pytest.raises(nb.DataError, match="no data"):
-        nb.load_datasets(cfg)
+def test_a_data_root_that_is_not_there_is_an_error_naming_it(nb, tmp_path, monkeypatch):
+    with pytest.raises(nb.ConfigError, match=r"data_root='.*none': no such folder"):
+        nb.make_config("imagenet64", data_root=str(tmp_path / "none"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(nb.ConfigError, match=f"data_root='{tmp_path}/home/photos/clases': no such folder"):
+        nb.make_config("demo", data_root="~/photos/clases")          # a typo is never the embedded sample
+    (tmp_path / "home" / "photos" / "classes").mkdir(parents=True)
+    assert nb.make_config("demo", data_root="~/photos/classes").data_root == f"{tmp_path}/home/photos/classes"
+    # where the config is not made by make_config (a profile's default, a later change), load_datasets says it
+    cfg = nb.make_config("demo", cache_dir=str(tmp_path / "c"))
+    empty = tmp_path / "home" / "photos" / "classes"
+    for root, problem in [(tmp_path / "none", "no such folder"), (empty, "an empty folder")]:
+        with pytest.raises(nb.DataError, match=f"data_root='{root}': {problem}"):
+            nb.load_datasets(dataclasses.replace(cfg, data_root=str(root)))
+    with pytest.raises(nb.DataError, match="no data_root given"):
+        nb.load_datasets(nb.make_config("imagenet64", data_root=""))
 
 
 def test_config_profiles_and_unknown_fields(nb):

@@ -231,3 +231,18 @@ def test_probe_features_follow_the_reference_protocol_per_architecture(nb, arch,
         torch.testing.assert_close(feats, torch.cat([b[:, 0] for b in blocks], 1), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="width"):
         nb.last_cls_token(feats[:, :-1], model.embed_dim, **settings)
+
+
+def test_retrieval_frames_neighbours_by_class_only_where_there_are_labels(nb):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    images = np.zeros((4, 3, 8, 8), np.uint8)
+    neighbours = {"random init": torch.tensor([[1, 2], [0, 3]]), "DINO teacher": torch.tensor([[0, 1], [2, 3]])}
+    framed = nb.plot_retrieval(images[:2], np.array([0, 1]), images, np.array([0, 0, 1, 1]), neighbours,
+                               title="model; data")
+    plain = nb.plot_retrieval(images[:2], np.array([0, 0]), images, None, neighbours)   # a flat folder
+    colours = [p.get_edgecolor()[:3] for ax in framed.axes for p in ax.patches]
+    assert len(colours) == 8 and sum(c[1] > c[0] for c in colours) == 6    # 6 green (same class), 2 red
+    assert sum(len(ax.patches) for ax in plain.axes) == 0 and framed._suptitle.get_text() == "model; data"
+    plt.close("all")

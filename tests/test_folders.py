@@ -182,11 +182,26 @@ def test_held_out_split_is_stratified_stable_and_exclusive(nb):
     per_class = mask.reshape(4, 2000).mean(axis=1)
     assert np.abs(per_class - 0.1).max() < 0.025, per_class            # binomial sd 0.0067
     assert (mask == nb.held_out(paths, labels, 0.1, None)).all()           # deterministic
-    more = paths + [f"c{c}/new_{i}.jpg" for c in range(4) for i in range(500)]
-    more_labels = labels + [c for c in range(4) for _ in range(500)]
-    assert (nb.held_out(more, more_labels, 0.1, None)[:len(paths)] == mask).all()  # additions move nothing
+    more = paths + [f"c{c}/new_{i}.jpg" for c in range(4) for i in range(50)]
+    more_labels = labels + [c for c in range(4) for _ in range(50)]
+    moved = (nb.held_out(more, more_labels, 0.1, None)[:len(paths)] != mask).reshape(4, 2000).sum(axis=1)
+    assert (moved <= 50).all() and moved.sum() < 4 * 50   # at most as many old images move as were added
     tiny = nb.held_out(["a/1", "a/2", "b/1", "b/2", "b/3"], [0, 0, 1, 1, 1], 0.01, ["a", "b"])
     assert tiny.tolist().count(True) == 2 and tiny[:2].sum() == 1 and tiny[2:].sum() == 1
+
+
+def test_every_class_holds_out_its_share_rounded(nb):
+    sizes = [22, 31, 4, 2, 25, 15, 176]          # at 10%: 2.2, 3.1, 0.4, 0.2, 2.5, 1.5, 17.6 images
+    paths = [f"c{c}/{i}.jpg" for c, n in enumerate(sizes) for i in range(n)]
+    labels = [c for c, n in enumerate(sizes) for _ in range(n)]
+    mask = nb.held_out(paths, labels, 0.1, None)
+    per_class = np.bincount(labels, weights=mask).astype(int).tolist()
+    assert per_class == [2, 3, 1, 1, 3, 2, 18]     # rounded to the nearest, halves up; at least 1
+    assert [nb.held_out_count(n, 0.9) for n in (2, 10, 11)] == [1, 9, 10]   # at most n - 1
+    hashes = np.array([nb.path_hash(p) for p in paths])
+    for c in range(len(sizes)):   # the held-out images are those of lowest hash in their class
+        members = np.flatnonzero(np.array(labels) == c)
+        assert hashes[members][mask[members]].max() < hashes[members][~mask[members]].min()
 
 
 @pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5])
@@ -232,6 +247,22 @@ def test_flat_folder_trains_without_labels(nb, tmp_path):
     val = nb.ImageFolder(tmp_path / "flat", "val", 16, 0.2, cache_dir=tmp_path / "c")
     assert not train.has_labels and train.classes == [] and len(train) + len(val) == 20 and len(val) >= 1
     assert train.images.shape == (len(train), 3, 16, 16) and set(train.labels.tolist()) == {0}
+    assert nb.class_count(train) == "no labels (a flat folder)"   # not "1 classes"
+    assert nb.class_count(nb.ImageFolder(tmp_path / "flat", "val", 16, 0.2, cache_dir=tmp_path / "c")) == \
+        nb.class_count(val)
+
+
+def test_every_suffix_pil_reads_is_read_and_others_are_counted(nb, tmp_path):
+    assert {".jpg", ".png", ".tif", ".webp", ".ppm", ".tga", ".pcx", ".jp2", ".qoi"} <= nb.IMAGE_SUFFIXES
+    (tmp_path / "f" / "c").mkdir(parents=True)
+    for i, suffix in enumerate((".ppm", ".tga", ".pcx", ".png")):   # the first three were skipped before
+        Image.fromarray(asymmetric(8, 8, seed=i)).save(tmp_path / "f" / "c" / f"{i}{suffix}")
+    (tmp_path / "f" / "c" / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match=r"ignored 1 file\(s\) whose suffix is no image format PIL reads.*notes.txt"):
+        paths, labels, classes = nb.list_image_folder(tmp_path / "f")
+    assert sorted(p.suffix for p in paths) == [".pcx", ".png", ".ppm", ".tga"]
+    images, ok, bad = nb.decode_chunk(paths, 8)
+    assert ok.all() and not bad
 
 
 def test_img_size_sets_the_stored_size_and_the_cache_is_never_misread(nb, tmp_path, monkeypatch):
@@ -283,6 +314,18 @@ def test_load_datasets_picks_the_folder_at_cfg_img_size(nb, tmp_path, capsys):
     (tmp_path / "i64" / "val_data").write_bytes(b"")
     with pytest.raises(nb.DataError, match="img_size=32"):
         nb.load_datasets(nb.make_config("demo", data_root=str(tmp_path / "i64"), img_size=32))
+
+
+def test_load_datasets_prints_the_count_of_every_class(nb, tmp_path, capsys):
+    for name, n in (("cat", 22), ("dog", 31), ("owl", 4)):
+        for i in range(n):
+            write_png(tmp_path / "f" / name / f"{i}.png", asymmetric(8, 8, seed=i))
+    cfg = nb.make_config("demo", data_root=str(tmp_path / "f"), img_size=16, cache_dir=str(tmp_path / "c"))
+    train, val = nb.load_datasets(cfg, verbose=False)
+    out = capsys.readouterr().out
+    assert f"train 51 / val 6 images (val_fraction=0.1 of each class" in out and "at least 1" in out
+    assert "3 classes" in out and "held out per class (val/all): cat 2/22, dog 3/31, owl 1/4" in out
+    assert np.bincount(val.labels).tolist() == [2, 3, 1]
 
 
 def test_a_folder_of_images_is_not_searched_for_imagenet64_files(nb, tmp_path, monkeypatch):

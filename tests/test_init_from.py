@@ -33,6 +33,7 @@ def test_dino_release_backbone_starts_both_networks(nb, tmp_path, capsys):
     torch.save(state, tmp_path / "dino_deittiny8_pretrain.pth")
     student, teacher = nb.build_models(config(nb, tmp_path / "dino_deittiny8_pretrain.pth"), torch.device("cpu"))
     assert capsys.readouterr().out.count("head starts fresh") == 1
+    assert nb.start_label(config(nb, tmp_path / "dino_deittiny8_pretrain.pth")) == "start (dino_deittiny8_pretrain.pth)"
     loaded = student.backbone.state_dict()
     assert torch.equal(loaded["pos_embed"], dino_interpolation(state["pos_embed"], 8))    # 224 px -> 64 px
     assert all(torch.equal(loaded[k], v) for k, v in state.items() if k != "pos_embed")
@@ -76,12 +77,39 @@ def test_dinov2_file_brings_patch_14_registers_and_layerscale(nb, tmp_path, caps
         assert teacher.backbone.get_last_selfattention(torch.randn(1, 3, 64, 64)).shape[-1] == 1 + 4 + 16
 
 
-def test_a_file_that_does_not_fit_names_path_and_difference(nb, tmp_path):
+def test_a_file_that_does_not_fit_is_refused_when_the_config_is_made(nb, tmp_path):
     torch.save(random_file_weights(nb.vit_small(patch_size=8, img_size=224), 4), tmp_path / "small8.pth")
-    with pytest.raises(ValueError, match=r"small8\.pth.*embed_dim 384 in the file vs 192.*num_heads 6"):
-        nb.build_models(config(nb, tmp_path / "small8.pth"), torch.device("cpu"))
+    with pytest.raises(nb.ConfigError, match=r"small8\.pth.*embed_dim 384 in the file vs 192.*num_heads 6"):
+        config(nb, tmp_path / "small8.pth")
     torch.save(random_file_weights(nb.vit_tiny(patch_size=16, img_size=224), 5), tmp_path / "tiny16.pth")
-    with pytest.raises(ValueError, match=r"tiny16\.pth.*patch_size 16 in the file vs 8"):
-        nb.build_models(config(nb, tmp_path / "tiny16.pth"), torch.device("cpu"))
-    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
-        nb.build_models(config(nb, tmp_path / "nowhere.pth"), torch.device("cpu"))
+    with pytest.raises(nb.ConfigError, match=r"tiny16\.pth.*patch_size 16 in the file vs 8"):
+        config(nb, tmp_path / "tiny16.pth")
+    with pytest.raises(nb.ConfigError, match=r"init_from=.*nowhere\.pth': no such file"):
+        config(nb, tmp_path / "nowhere.pth")
+    # a config changed after it was made (no file checks there) is still refused when the models are built
+    late = nb.dataclasses.replace(nb.make_config("demo", **HEAD), init_from=str(tmp_path / "small8.pth"))
+    with pytest.raises(nb.ConfigError, match=r"small8\.pth.*embed_dim 384 in the file vs 192"):
+        nb.build_models(late, torch.device("cpu"))
+
+
+def test_a_file_that_is_no_checkpoint_says_so_at_once(nb, tmp_path):
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.pth", format="JPEG")    # a JPEG renamed .pth
+    with pytest.raises(nb.ConfigError, match=r"photo\.pth': not a checkpoint: .*a JPEG image"):
+        config(nb, tmp_path / "photo.pth")
+    (tmp_path / "notes.pth").write_text("just text")
+    with pytest.raises(nb.ConfigError, match=r"notes\.pth': not a checkpoint: torch.save writes a zip archive"):
+        config(nb, tmp_path / "notes.pth")
+    torch.save({"epoch": torch.tensor(3)}, tmp_path / "no_backbone.pth")
+    with pytest.raises(nb.ConfigError, match=r"no_backbone\.pth'.*holds no ViT backbone"):
+        config(nb, tmp_path / "no_backbone.pth")
+    with pytest.raises(nb.ConfigError, match=r"init_from='.*': not a file"):
+        config(nb, tmp_path)
+
+
+def test_the_fresh_head_is_said_once_however_many_models_are_built(nb, tmp_path, capsys):
+    torch.save(random_file_weights(nb.vit_tiny(patch_size=8, img_size=224), seed=6), tmp_path / "once.pth")
+    cfg = config(nb, tmp_path / "once.pth")
+    for _ in range(3):   # the illustration, the training run and the baseline each build the models
+        nb.build_models(cfg, torch.device("cpu"))
+    assert capsys.readouterr().out.count("head starts fresh") == 1

@@ -43,7 +43,7 @@ def test_unreadable_settings_name_the_file(nb, tmp_path):
 
 
 def test_trained_teacher_comes_from_a_finished_run_only(nb, tmp_path):
-    cfg = tiny(nb, tmp_path, demo_checkpoint=str(tmp_path / "absent.pth"))
+    cfg = dataclasses.replace(tiny(nb, tmp_path), demo_checkpoint=str(tmp_path / "absent.pth"))
     with pytest.raises(FileNotFoundError, match="run the Training section"):
         nb.trained_teacher(cfg, torch.device("cpu"))
     trained = nb.build_backbone(cfg, drop_path_rate=0.0)
@@ -63,3 +63,45 @@ def test_initial_backbone_is_the_same_network_whatever_ran_before(nb, tmp_path):
     second = nb.initial_backbone(cfg, torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), state)  # and is left alone
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+def image_folder(root, classes=("a", "b"), per_class=4):
+    from PIL import Image
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (16, 16), (40 * i, 100, 200)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_the_demo_checkpoint_serves_the_embedded_sample_only(nb, tmp_path):
+    demo_file = tmp_path / "demo_teacher.pth"
+    torch.save(nb.build_backbone(nb.make_config("demo"), drop_path_rate=0.0).state_dict(), demo_file)
+    embedded = tiny(nb, tmp_path, demo_checkpoint=str(demo_file))
+    assert nb.teacher_source(embedded) == (demo_file, "the demo checkpoint, a 100-epoch demo run on the embedded sample")
+    folder = tiny(nb, tmp_path, demo_checkpoint=str(demo_file), data_root=str(image_folder(tmp_path / "photos")))
+    run_dir = nb.run_directory(folder)
+    path, what = nb.teacher_source(folder)
+    assert path == run_dir / "teacher.pth" and what == f"the teacher of run {run_dir.name}, trained on data_root " \
+        f"{tmp_path / 'photos'}"
+    with pytest.raises(nb.NotTrainedYet, match=f"{run_dir}/teacher.pth .*does not exist; it is written when run "
+                                               f"'{run_dir.name}' finishes: run the Training section first"):
+        nb.trained_teacher(folder, torch.device("cpu"))
+    chosen = tiny(nb, tmp_path, data_root=str(tmp_path / "photos"), evaluate_file=str(demo_file))
+    assert nb.teacher_source(chosen) == (demo_file, "the file set as evaluate_file")
+    assert nb.trained_teacher(chosen, torch.device("cpu"))[1] == demo_file
+
+
+def test_what_an_evaluation_exports_goes_to_its_own_run_folder_and_names_its_source(nb, tmp_path):
+    cfg = tiny(nb, tmp_path, data_root=str(image_folder(tmp_path / "photos")))
+    run_dir = nb.run_directory(cfg)
+    other_run = tmp_path / "ckpt" / "elsewhere" / "teacher.pth"
+    assert nb.export_home(cfg, run_dir / "teacher.pth") == run_dir
+    assert nb.export_home(cfg, "checkpoints/demo_vit_tiny8.pth") == run_dir / "models" / "demo_vit_tiny8"
+    assert nb.export_home(cfg, other_run) == run_dir / "models" / "elsewhere-teacher"   # never the other run's folder
+    note = nb.write_source_note(run_dir / "features", cfg, run_dir / "teacher.pth", nb.data_label(cfg))
+    assert json.loads(note.read_text()) == dict(
+        model=str(run_dir / "teacher.pth"), model_is=f"the teacher of run {run_dir.name}, trained on data_root "
+        f"{tmp_path / 'photos'}", arch="vit_tiny/8", data=f"data_root {tmp_path / 'photos'}", run=str(run_dir))
+    assert nb.model_label(cfg, run_dir / "teacher.pth") == f"vit_tiny/8 teacher of run {run_dir.name}"
+    assert nb.start_label(cfg) == "random init"

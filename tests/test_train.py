@@ -141,7 +141,26 @@ def test_resume_is_bit_exact(nb, tmp_path):
         assert torch.equal(a, b), k
     assert torch.equal(whole.loss.center, resumed.loss.center)
     assert [r["step"] for r in history if r["kind"] == "step"] == list(range(1, 9))
-    assert (tmp_path / "ck" / "halves" / "epoch_0002.pth").exists()
+    assert sorted(p.name for p in (tmp_path / "ck" / "halves").iterdir()) == [   # last.prev.pth goes at the end
+        "epoch_0001.pth", "epoch_0002.pth", "last.pth", "log.jsonl", "settings.json", "teacher.pth"]
+
+
+def test_a_run_keeps_what_its_plan_says_at_the_sizes_it_says(nb, tmp_path, capsys):
+    assert nb.kept_epochs(nb.make_config("imagenet64")) == list(range(10, 101, 10))
+    assert nb.kept_epochs(nb.make_config("demo", epochs=5, save_every_epochs=2)) == [2, 4, 5]
+    assert nb.kept_epochs(nb.make_config("demo")) == []     # the demo keeps no epoch checkpoints
+    cfg = tiny_cfg(nb, tmp_path, save_every_epochs=0)
+    data = Data()
+    nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
+    run_dir = tmp_path / "ck" / cfg.run_name
+    assert sorted(p.name for p in run_dir.iterdir()) == ["last.pth", "log.jsonl", "settings.json", "teacher.pth"]
+    sizes = nb.checkpoint_sizes(cfg)
+    for name, key in (("last.pth", "training"), ("teacher.pth", "teacher")):
+        on_disk = (run_dir / name).stat().st_size
+        assert sizes[key] <= on_disk <= 1.02 * sizes[key] + 2**20, (name, on_disk, sizes[key])
+    mb = lambda n: f"{n / 1e6:,.0f} MB"
+    assert (f"disk: last.pth {mb(sizes['training'])} (with last.prev.pth while training), no epoch_XXXX.pth "
+            f"(save_every_epochs=0), teacher.pth {mb(sizes['teacher'])}") in capsys.readouterr().out
 
 
 def test_kill_during_save_keeps_previous_checkpoint(nb, tmp_path, monkeypatch):
@@ -227,3 +246,16 @@ def test_a_flat_folder_trains_and_says_evaluation_is_skipped(nb, tmp_path, capsy
     assert [r for r in history if r["kind"] == "eval"] == []
     with pytest.raises(nb.DataError, match="no class folders"):
         nb.knn_accuracy(trainer.teacher.backbone, data, data, trainer.cfg, torch.device("cpu"))
+
+
+def test_the_loader_starts_no_more_workers_than_there_are_cores(nb):
+    import warnings
+    data = Data(n=32)
+    batches = nb.epoch_batches(len(data), 4, epoch=0, seed=0)
+    cores = len(os.sched_getaffinity(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # torch warns when asked for more workers than cores
+        loader = nb.batch_loader(data.images, batches, num_workers=cores + 6)   # paper224 asks for 8
+        assert loader._num_workers == cores
+        got = [b.numpy() for b in loader]
+    assert all(np.array_equal(g, data.images[b]) for g, b in zip(got, batches)) and len(got) == len(batches)
