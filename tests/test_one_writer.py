@@ -166,3 +166,19 @@ def test_the_lock_is_refused_within_one_process_and_free_again_after(nb, tmp_pat
                 pass
     with nb.run_lock(tmp_path / "run"):
         pass
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_reader_loads_the_file_it_checked_though_the_trainer_replaces_it_meanwhile(nb, tmp_path, monkeypatch, mmap):
+    last, newer = tmp_path / "last.pth", tmp_path / ".last.pth.0123456789abcdef.tmp"
+    torch.save({"step": torch.tensor(1)}, last)
+    torch.save({"step": torch.tensor(2)}, newer)
+    real_check = nb.check_archive
+
+    def check_then_replace(path, max_bytes=None, file=None):
+        declared = real_check(path, max_bytes, file)
+        os.replace(newer, last)              # the trainer's atomic rename lands between the check and the load
+        return declared
+    monkeypatch.setattr(nb, "check_archive", check_then_replace)
+    assert nb.load_weights_file(last, mmap=mmap)["step"] == 1
+    assert torch.load(last, weights_only=True)["step"] == 2
