@@ -135,3 +135,15 @@ def test_the_content_sample_covers_its_pieces_first_and_last_bytes_included(nb, 
     before = nb.content_sample(small)
     small.write_bytes(bytes(700_001) + b"\1" + bytes((1 << 20) - 700_002))
     assert nb.content_sample(small) != before
+
+
+@pytest.mark.parametrize("index", [5, -1, np.int64(33), slice(None), slice(90, 10, -3), slice(5, 5), [], [3, 40],
+                                   np.array([99, 0, 0]), np.arange(100) % 7 == 0, (slice(17, 18), 0), ([20, 21], 2),
+                                   Ellipsis])
+def test_the_blocks_a_read_touches_are_all_checked(nb, index):
+    rows = np.arange(100)[index[0] if isinstance(index, tuple) else index]
+    read = set((np.atleast_1d(rows) // 16).tolist())
+    said = set(np.asarray(list(nb.touched_blocks(index, 100, 16))).tolist())
+    assert read <= said and said <= set(range(7))
+    if not isinstance(index, slice) or index.step in (None, 1):
+        assert said == read
