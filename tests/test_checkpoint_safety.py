@@ -150,7 +150,7 @@ def test_a_small_file_that_inflates_is_refused_before_loading(nb, run, tmp_path)
     small = tmp_path / "small.pth"
     with zipfile.ZipFile(small, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("archive/data.pkl", b"x" * 1000)
-    with pytest.raises(nb.CheckpointError, match=r"small.pth: compressed members"):
+    with pytest.raises(nb.CheckpointError, match=r"small.pth: compressed or encrypted members"):
         nb.load_weights_file(small, bound)
 
 

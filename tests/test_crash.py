@@ -41,11 +41,11 @@ real_step, real_write, real_replace = nb.train_step, nb.atomic_write, os.replace
 def step(t, images, diagnostics=False):
     announce("step")                      # a kill lands before or inside the step
     return real_step(t, images, diagnostics)
-def write(path, write_fn, keep_previous=None):
+def write(path, write_fn, keep_previous=None, **sizes):
     def written(f):
         write_fn(f)
         announce("written")               # the temp file is full, nothing renamed yet
-    return real_write(path, written, keep_previous)
+    return real_write(path, written, keep_previous, **sizes)
 def replace(src, dst):
     announce("replace")                   # before each rename (a save with a previous last.pth has two)
     real_replace(src, dst)

@@ -53,6 +53,7 @@ def test_two_cpu_ranks_match_each_other_and_one_process(nb, tmp_path):
     _, initial = nb.build_models(nb.make_config("demo", **parse_overrides(SETTINGS)), torch.device("cpu"))
     assert any(not torch.allclose(v, rank0[k]) for k, v in initial.state_dict().items())
     assert torch.load(ddp / "last.pth", weights_only=True)["step"] == 3
-    # only rank 0 wrote the checkpoint, the log and the run's settings (the run is not finished: no teacher.pth)
+    # only rank 0 wrote the checkpoint, the log and the run's settings, and held the run's lock (the run is not
+    # finished: no teacher.pth)
     assert sorted(p.name for p in ddp.iterdir()) == ["last.pth", "log.jsonl", "settings.json",
-                                                     "teacher_rank0.pt", "teacher_rank1.pt"]
+                                                     "teacher_rank0.pt", "teacher_rank1.pt", "train.lock"]

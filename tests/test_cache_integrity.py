@@ -1,0 +1,149 @@
+"""A cache is not served after it changed: a flipped byte is caught before a batch is served, a link in place
+of a cache file is never followed, and a source rewritten with its size and mtime kept is converted again."""
+import json
+import os
+import pickle
+import time
+
+import numpy as np
+import pytest
+
+N = 64
+
+
+def write_val(root, data, labels):
+    root.mkdir(exist_ok=True)
+    with open(root / "val_data", "wb") as f:
+        pickle.dump({"data": data.reshape(len(data), -1), "labels": labels}, f)
+
+
+@pytest.fixture
+def built(nb, tmp_path, monkeypatch):
+    """A val split of N images cached in blocks of 16 images: (root, cache_dir, data set, images)."""
+    monkeypatch.setattr(nb, "CHECKSUM_IMAGES", 16)
+    images = np.random.default_rng(0).integers(0, 256, (N, 3, 64, 64), dtype=np.uint8)
+    write_val(tmp_path / "r", images, list(range(1, N + 1)))
+    ds = nb.ImageNet64(tmp_path / "r", "val", cache_dir=tmp_path / "c")
+    return tmp_path / "r", tmp_path / "c", ds, images
+
+
+def flip_byte(prefix, image, offset=5000):
+    time.sleep(0.05)   # past the file system's timestamp granularity (a few ms): the write moves the seal's times
+    with open(f"{prefix}.u8", "r+b") as f:
+        f.seek(image * 12288 + offset)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 1]))
+
+
+def saved_seal(prefix):
+    return json.loads(open(f"{prefix}.json").read())["seal"]
+
+
+def test_an_untouched_cache_checks_a_sample_and_a_touched_one_every_block_once(nb, built):
+    root, cache, ds, images = built
+    assert ds.images.checked.sum() == 3          # sealed at the build: one block of the four to check, at random
+    np.testing.assert_array_equal(ds.images[:], images)
+    assert ds.images.checked.tolist() == [1, 1, 1, 1] and ds.images.all_checked
+    time.sleep(0.05)
+    os.chmod(f"{ds.prefix}.u8", 0o600)           # any change moves the status-change time: the seal is broken
+    touched = nb.ImageNet64(root, "val", cache_dir=cache)
+    assert touched.images.checked.tolist() == [0, 0, 0, 0]             # opening hashes nothing
+    np.testing.assert_array_equal(touched.images[[3, 20]], images[[3, 20]])
+    assert touched.images.checked.tolist() == [1, 1, 0, 0]             # the blocks read, and only those
+    assert saved_seal(ds.prefix) != nb.file_seal(open(f"{ds.prefix}.u8"))
+    np.testing.assert_array_equal(touched.images[40:50], images[40:50])
+    np.testing.assert_array_equal(touched[63][0], images[63])
+    assert touched.images.checked.tolist() == [1, 1, 1, 1]
+    assert saved_seal(ds.prefix) == nb.file_seal(open(f"{ds.prefix}.u8"))   # all matched: sealed again
+    assert nb.ImageNet64(root, "val", cache_dir=cache).images.checked.sum() == 3
+
+
+def test_a_flipped_byte_is_caught_before_a_batch_is_served(nb, built):
+    root, cache, ds, images = built
+    flip_byte(ds.prefix, 37)
+    reopened = nb.ImageNet64(root, "val", cache_dir=cache)        # same size, same sources: the open passes
+    assert reopened.images.checked.tolist() == [0, 0, 0, 0]       # but the write broke the seal: check all
+    batches = [np.array([1, 2]), np.array([5, 40]), np.array([60, 61])]
+    loader = nb.batch_loader(reopened.images, batches)
+    np.testing.assert_array_equal(next(loader).numpy(), images[[1, 2]])   # block 0 is intact: served
+    message = rf"{reopened.prefix}\.u8: block 2 \(images 32\.\.47\) differs from its checksum.*Delete .*\.json"
+    with pytest.raises(nb.DataError, match=message):
+        next(loader)                                               # block 2 is not
+    with pytest.raises(nb.DataError, match=message):
+        reopened[33]
+    with pytest.raises(nb.DataError, match=message):
+        nb.extract_features(nb.vit_tiny(patch_size=16), reopened.images[32:34])
+    with pytest.raises(nb.DataError, match=r"1 of 4 blocks differ.*block 2 \(images 32\.\.47\)"):
+        reopened.verify()
+
+
+def test_forked_workers_share_which_blocks_were_checked(nb, built):
+    root, cache, ds, images = built
+    time.sleep(0.05)
+    os.chmod(f"{ds.prefix}.u8", 0o600)
+    touched = nb.ImageNet64(root, "val", cache_dir=cache)
+    assert touched.images.checked.tolist() == [0, 0, 0, 0]
+    batches = [np.arange(s, s + 8) for s in range(0, N, 8)]
+    served = np.concatenate([b.numpy() for b in nb.batch_loader(touched.images, batches, num_workers=2)])
+    np.testing.assert_array_equal(served, images)
+    assert touched.images.checked.tolist() == [1, 1, 1, 1]           # checked in the workers, seen here
+
+
+@pytest.mark.parametrize("suffix", [".u8", ".labels.npy", ".json"])
+def test_a_link_in_place_of_a_cache_file_is_not_followed_and_the_cache_is_rebuilt(nb, built, tmp_path, suffix):
+    root, cache, ds, images = built
+    path = f"{ds.prefix}{suffix}"
+    other = tmp_path / "same size, other bytes"
+    other.write_bytes(bytes(reversed(open(path, "rb").read())))
+    before = other.read_bytes()
+    os.unlink(path)
+    os.symlink(other, path)
+    with pytest.warns(UserWarning, match=rf"cache {ds.prefix} rejected.*{path}: a symbolic link"):
+        rebuilt = nb.ImageNet64(root, "val", cache_dir=cache)
+    np.testing.assert_array_equal(rebuilt.images[:], images)
+    assert rebuilt.labels.tolist() == list(range(N))
+    assert not os.path.islink(path) and other.read_bytes() == before   # the link replaced, its target untouched
+
+
+def test_a_source_rewritten_with_its_size_and_mtime_kept_is_converted_again(nb, built):
+    root, cache, ds, images = built
+    stat = (root / "val_data").stat()
+    size = stat.st_size
+    changed = 255 - images
+    write_val(root, changed, list(range(1, N + 1)))
+    os.utime(root / "val_data", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (root / "val_data").stat().st_size == size and (root / "val_data").stat().st_mtime_ns == stat.st_mtime_ns
+    again = nb.ImageNet64(root, "val", cache_dir=cache)
+    np.testing.assert_array_equal(again.images[:], changed)
+    assert len(nb.fingerprint([root / "val_data"], sample=True)[0]) == 4   # path, size, mtime, content sample
+
+
+def test_the_content_sample_covers_its_pieces_first_and_last_bytes_included(nb, tmp_path):
+    path = tmp_path / "big"
+    data = bytearray(np.random.default_rng(1).integers(0, 256, 5 << 20, dtype=np.uint8).tobytes())
+    path.write_bytes(data)
+    first = nb.content_sample(path)
+    starts = np.linspace(0, len(data) - nb.SAMPLE_BYTES, nb.SAMPLE_PIECES).astype(int)
+    for at, seen in ((0, True), (len(data) - 1, True), (starts[15] + 7, True), (starts[15] + nb.SAMPLE_BYTES + 7, False)):
+        data[at] ^= 1
+        path.write_bytes(data)
+        assert (nb.content_sample(path) != first) == seen, at   # a sample: a byte between its pieces is not seen
+        data[at] ^= 1
+    small = tmp_path / "small"   # under 2 MiB the pieces cover the whole file
+    small.write_bytes(bytes(1 << 20))
+    before = nb.content_sample(small)
+    small.write_bytes(bytes(700_001) + b"\1" + bytes((1 << 20) - 700_002))
+    assert nb.content_sample(small) != before
+
+
+@pytest.mark.parametrize("index", [5, -1, np.int64(33), slice(None), slice(90, 10, -3), slice(5, 5), [], [3, 40],
+                                   np.array([99, 0, 0]), np.arange(100) % 7 == 0, (slice(17, 18), 0), ([20, 21], 2),
+                                   Ellipsis])
+def test_the_blocks_a_read_touches_are_all_checked(nb, index):
+    rows = np.arange(100)[index[0] if isinstance(index, tuple) else index]
+    read = set((np.atleast_1d(rows) // 16).tolist())
+    said = set(np.asarray(list(nb.touched_blocks(index, 100, 16))).tolist())
+    assert read <= said and said <= set(range(7))
+    if not isinstance(index, slice) or index.step in (None, 1):
+        assert said == read

@@ -1,0 +1,184 @@
+"""One run, one writer: the process that trains holds the run folder's lock; a second trainer of the same
+run is refused at once, naming the holder; a SIGKILLed holder leaves nothing to clean and the lock is taken over."""
+import contextlib
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS = Path(__file__).resolve().parent
+SETTINGS = dict(patch_size=16, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, batch_size=4,
+                n_local_crops=2, max_train_images=0, epochs=1, warmup_epochs=1, log_every_steps=1,
+                eval_every_epochs=1, save_every_epochs=1, checkpoint_every_steps=1)
+
+# A fork server: it imports the notebook once, then each "start NAME RUN" line forks a trainer of run RUN that
+# prints "NAME step S" before each step and, at step 1, waits for the file NAME.go; "wait NAME" reaps it.
+SERVER = r"""
+import json, os, sys, time
+import numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+from nbloader import load_notebook
+nb = load_notebook()
+torch.set_num_threads(1)
+folder, settings = sys.argv[2], json.loads(sys.argv[3])
+
+class Data:
+    images = np.random.default_rng(0).integers(0, 256, (12, 3, 64, 64), dtype=np.uint8)
+    labels = np.arange(12) % 4
+    def __len__(self):
+        return 12
+
+def trainer(name, run):
+    real_step = nb.train_step
+    def step(t, images, diagnostics=False):
+        print(f"{name} step {t.step}", flush=True)
+        while t.step == 1 and not os.path.exists(os.path.join(folder, name + ".go")):
+            time.sleep(0.01)
+        return real_step(t, images, diagnostics)
+    nb.train_step = step
+    cfg = nb.make_config("demo", run_name=run, checkpoint_dir=folder, **settings)
+    try:
+        nb.train_dino(cfg, Data(), Data(), torch.device("cpu"), progress=False)
+    except nb.RunInUse as error:
+        print(f"{name} refused {error}".replace("\n", " "), flush=True)
+        os._exit(3)
+    os._exit(0)
+
+children = {}
+for line in sys.stdin:
+    command, name, *run = line.split()
+    if command == "start":
+        pid = os.fork()
+        if pid == 0:
+            try:
+                trainer(name, run[0])
+            finally:
+                os._exit(1)
+        children[name] = pid
+        print(f"{name} pid {pid}", flush=True)
+    else:
+        status = os.waitpid(children[name], 0)[1]
+        print(f"{name} exit {os.waitstatus_to_exitcode(status)}", flush=True)
+"""
+
+
+class Server:
+    def __init__(self, folder):
+        self.errors = open(folder / "server.err", "w+")
+        self.process = subprocess.Popen([sys.executable, "-c", SERVER, str(TESTS), str(folder), json.dumps(SETTINGS)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
+                                        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        self.lines, self.said = queue.Queue(), []
+        threading.Thread(target=lambda: [self.lines.put(line) for line in self.process.stdout], daemon=True).start()
+
+    def send(self, line):
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+
+    def until(self, prefix, timeout=120):
+        """Read lines until one starts with `prefix`; return its remainder."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.errors.seek(0)
+                raise AssertionError(f"no {prefix!r}; the server said {self.said[-5:]}, {self.errors.read()[-2000:]}")
+            self.said.append(line.strip())
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+
+    def start(self, name, run):
+        self.send(f"start {name} {run}")
+        return int(self.until(f"{name} pid "))
+
+    def wait(self, name):
+        self.send(f"wait {name}")
+        return int(self.until(f"{name} exit "))
+
+    def close(self):
+        self.process.stdin.close()
+        return self.process.wait(timeout=60)
+
+    def kill_children(self):
+        """Whatever a failed test left running (a trainer waiting at its step 1)."""
+        for line in self.said:
+            if " pid " in line:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(line.split()[-1]), signal.SIGKILL)
+
+
+def step_rows(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [row["step"] for row in rows if row["kind"] == "step"], [row["step"] for row in rows]
+
+
+def test_a_second_trainer_is_refused_at_once_and_a_killed_holder_is_taken_over(nb, tmp_path):
+    server = Server(tmp_path)
+    try:
+        holder = server.start("a", "run")
+        server.until("a step 1")                 # a trains, holds the lock, and waits at step 1
+        started = time.monotonic()
+        server.start("b", "run")
+        refusal = server.until("b refused ")
+        assert server.wait("b") == 3 and time.monotonic() - started < 10
+        assert str(tmp_path / "run") in refusal and f"PID {holder} on host {socket.gethostname()}, since " in refusal
+        assert "another run_name" in refusal
+        # a reader needs no lock: the holder's last checkpoint loads while it trains
+        assert nb.load_weights_file(tmp_path / "run" / "last.pth")["step"] == 1
+        (tmp_path / "a.go").touch()
+        assert server.wait("a") == 0
+        steps, every_row = step_rows(tmp_path / "run")
+        assert steps == [1, 2, 3] and every_row == sorted(every_row)   # one writer: no row twice
+        assert (tmp_path / "run" / "train.lock").read_text() == ""          # released, and says so
+
+        killed = server.start("c", "killed")
+        server.until("c step 1")
+        os.kill(killed, signal.SIGKILL)         # the holder dies without a chance to clean up
+        assert server.wait("c") == -signal.SIGKILL
+        assert f"PID {killed} " in (tmp_path / "killed" / "train.lock").read_text()  # what it left
+        (tmp_path / "d.go").touch()
+        server.start("d", "killed")             # the kernel dropped the dead holder's lock: d takes it over
+        assert server.wait("d") == 0
+        assert step_rows(tmp_path / "killed")[0] == [1, 2, 3]
+        assert torch.load(tmp_path / "killed" / "last.pth", weights_only=True)["step"] == 3
+    except BaseException:
+        server.kill_children()
+        raise
+    assert server.close() == 0
+
+
+def test_the_lock_is_refused_within_one_process_and_free_again_after(nb, tmp_path):
+    with nb.run_lock(tmp_path / "run") as path:
+        assert path.read_text().startswith(f"PID {os.getpid()} on host ")
+        with pytest.raises(nb.RunInUse, match=rf"{tmp_path / 'run'} is being trained by another process: "
+                                              rf"PID {os.getpid()} on host .*, since 20\d\d-"):
+            with nb.run_lock(tmp_path / "run"):
+                pass
+    with nb.run_lock(tmp_path / "run"):
+        pass
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_reader_loads_the_file_it_checked_though_the_trainer_replaces_it_meanwhile(nb, tmp_path, monkeypatch, mmap):
+    last, newer = tmp_path / "last.pth", tmp_path / ".last.pth.0123456789abcdef.tmp"
+    torch.save({"step": torch.tensor(1)}, last)
+    torch.save({"step": torch.tensor(2)}, newer)
+    real_check = nb.check_archive
+
+    def check_then_replace(path, max_bytes=None, file=None):
+        declared = real_check(path, max_bytes, file)
+        os.replace(newer, last)              # the trainer's atomic rename lands between the check and the load
+        return declared
+    monkeypatch.setattr(nb, "check_archive", check_then_replace)
+    assert nb.load_weights_file(last, mmap=mmap)["step"] == 1
+    assert torch.load(last, weights_only=True)["step"] == 2
