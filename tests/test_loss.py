@@ -163,3 +163,48 @@ def test_loss_under_autocast_is_float32(nb):
     bf16_expected = reference_loss(student.bfloat16().float(), teacher.bfloat16().float(),
                                    torch.zeros(1, 16), 3, 0.1, 0.04)
     assert torch.allclose(loss, bf16_expected, atol=1e-5) and torch.allclose(loss, expected, rtol=0.05)
+
+
+def dinov2_sinkhorn_knopp(teacher_output, teacher_temp, n_iterations=3):
+    """DINOv2's sinkhorn_knopp_teacher (dinov2/loss/dino_clstoken_loss.py) for one process, written out:
+    Q = exp(t / temp), K x B, made to sum to 1, then rows to 1/K and columns to 1/B, 3 times; columns x B."""
+    q = torch.exp(teacher_output.double() / teacher_temp).t()
+    prototypes, batch = q.shape
+    q /= q.sum()
+    for _ in range(n_iterations):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= prototypes
+        q /= q.sum(dim=0, keepdim=True)
+        q /= batch
+    return (q * batch).t()
+
+
+@pytest.mark.parametrize("temp", [0.04, 0.07])
+def test_sinkhorn_knopp_equals_dinov2s_formula(nb, temp):
+    logits = torch.randn(12, 64, generator=torch.Generator().manual_seed(3))
+    ours = nb.sinkhorn_knopp(logits / temp).exp()
+    theirs = dinov2_sinkhorn_knopp(logits, temp).float()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(ours.sum(1), torch.ones(12))               # each sample a distribution
+    assert ours.sum(0).std() < logits.softmax(1).sum(0).std()              # prototypes used more evenly
+
+
+def test_sinkhorn_knopp_survives_scores_that_overflow_exp(nb):
+    """Unnormalised heads give large logits: exp(logit / 0.04) overflows float32, the log-space form does not."""
+    logits = 40 * torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    probs = nb.sinkhorn_knopp(logits / 0.04).exp()
+    assert torch.isfinite(probs).all() and torch.allclose(probs.sum(1), torch.ones(8), atol=1e-5)
+
+
+def test_sinkhorn_centering_loss_and_no_centre(nb):
+    loss_fn = nb.DINOLoss(16, 4, 0.04, 0.04, 0, 1, centering="sinkhorn_knopp")
+    student, teacher = torch.randn(4 * 3, 16), torch.randn(2 * 3, 16)
+    loss, entropy = loss_fn(student, teacher, epoch=0, with_entropy=True)
+    t = nb.sinkhorn_knopp(teacher / 0.04).exp().chunk(2)
+    s = torch.log_softmax(student / 0.1, dim=-1).chunk(4)
+    pairs = [-(ti * sv).sum(-1).mean() for i, ti in enumerate(t) for v, sv in enumerate(s) if v != i]
+    assert abs(loss.item() - torch.stack(pairs).mean().item()) < 1e-5
+    assert abs(entropy.item() - torch.special.entr(torch.cat(t)).sum(-1).mean().item()) < 1e-5
+    assert torch.equal(loss_fn.center, torch.zeros(1, 16))                # no running centre with Sinkhorn-Knopp
+    with pytest.raises(ValueError, match="centering='median'"):
+        nb.DINOLoss(16, 4, 0.04, 0.04, 0, 1, centering="median")

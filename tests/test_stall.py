@@ -1,0 +1,44 @@
+"""The stall alarm: one plain warning when, after the warm-up, the teacher stays near-uniform (the student
+copying it) or collapses onto a few prototypes; quiet otherwise."""
+import math
+
+import torch
+
+from test_train import Data, tiny_cfg
+
+
+def rows(entropy, kl, n=4):
+    return [dict(entropy=entropy, kl=kl)] * n
+
+
+def test_the_alarm_reads_the_figures(nb, tmp_path):
+    cfg = tiny_cfg(nb, tmp_path, out_dim=1024, warmup_epochs=1)
+    log_k = math.log(1024)
+    uniform = nb.stall_alarm(rows(0.97 * log_k, 0.05), cfg, epoch=1)
+    assert "near-uniform" in uniform and f"{0.97 * log_k:.2f} of at most {log_k:.2f}" in uniform
+    assert "sinkhorn_knopp" in uniform                                   # says what to try
+    assert "few prototypes" in nb.stall_alarm(rows(0.01, 0.001), cfg, epoch=1)
+    assert nb.stall_alarm(rows(0.6 * log_k, 1.2), cfg, epoch=1) is None     # healthy
+    assert nb.stall_alarm(rows(0.97 * log_k, 2.0), cfg, epoch=1) is None    # uniform teacher, student still learning
+    assert nb.stall_alarm(rows(0.97 * log_k, 0.05), cfg, epoch=0) is None   # during the warm-up
+    assert nb.stall_alarm([], cfg, epoch=3) is None
+
+
+def alarms_of_a_run(nb, tmp_path, capsys, **settings):
+    data = Data()
+    cfg = tiny_cfg(nb, tmp_path, epochs=4, warmup_epochs=1, out_dim=256, base_lr=0.3, **settings)
+    _, history = nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
+    return [r for r in history if r["kind"] == "alarm"], capsys.readouterr().out
+
+
+def test_a_run_that_stalls_is_told_once(nb, tmp_path, capsys):
+    """No sharpening (a teacher softer than the student, 0.2 against 0.1): the centred teacher goes
+    near-uniform and the student copies it within a few epochs of 4 steps."""
+    alarms, out = alarms_of_a_run(nb, tmp_path, capsys, teacher_temp=0.2, warmup_teacher_temp=0.2)
+    assert len(alarms) == 1 and alarms[0]["epoch"] >= 2
+    assert out.count("WARNING: training has stalled") == 1 and "near-uniform" in out
+
+
+def test_the_same_run_sharpened_is_not_alarmed(nb, tmp_path, capsys):
+    alarms, out = alarms_of_a_run(nb, tmp_path, capsys, teacher_temp=0.04, warmup_teacher_temp=0.04)
+    assert alarms == [] and "stalled" not in out
