@@ -1,0 +1,50 @@
+"""The generated shapes data set: shapes, labels, masks, determinism, any size; raw pixels stay weak."""
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.mark.parametrize("n, size", [(50, 64), (37, 32), (21, 100)])
+def test_arrays_labels_and_masks(nb, n, size):
+    data = nb.ShapesDataset(n, size, seed=3)
+    assert data.images.shape == (n, 3, size, size) and data.images.dtype == np.uint8
+    assert data.masks.shape == (n, size, size) and data.masks.dtype == bool
+    assert len(data) == n and data.has_labels and data.classes == list(nb.SHAPE_CLASSES)
+    counts = np.bincount(data.labels, minlength=len(nb.SHAPE_CLASSES))
+    assert counts.max() - counts.min() <= 1                                   # balanced classes
+    area = data.masks.reshape(n, -1).mean(1)
+    assert (area > 0.02).all() and (area < 0.9).all()                         # every object there, none fills it all
+    image, label = data[0]
+    assert label == data.labels[0] and np.array_equal(image, data.images[0])
+
+
+def test_the_same_seed_gives_the_same_set_and_another_seed_another(nb):
+    a, b, c = nb.ShapesDataset(30, 32, seed=1), nb.ShapesDataset(30, 32, seed=1), nb.ShapesDataset(30, 32, seed=2)
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.masks, b.masks)
+    assert np.array_equal(a.labels, b.labels)
+    assert not np.array_equal(a.images, c.images)
+
+
+def test_objects_and_background_differ_where_the_mask_says(nb):
+    data = nb.ShapesDataset(40, 64, seed=0)
+    images = data.images.astype(np.float32)
+    for image, mask in zip(images, data.masks):
+        inside, outside = image[:, mask].mean(1), image[:, ~mask].mean(1)
+        assert np.abs(inside - outside).max() > 10    # the object stands out from its background
+
+
+def test_each_class_is_its_own_shape(nb):
+    """The same random frame drawn as every class: ten different masks."""
+    u, v = torch.meshgrid(torch.linspace(-1, 1, 48), torch.linspace(-1, 1, 48), indexing="ij")
+    masks = [nb.inside_shape(name, u, v) for name in nb.SHAPE_CLASSES]
+    for i in range(len(masks)):
+        for j in range(i):
+            assert (masks[i] != masks[j]).float().mean() > 0.02, (nb.SHAPE_CLASSES[i], nb.SHAPE_CLASSES[j])
+
+
+def test_raw_pixels_are_weak(nb):
+    """Nearest neighbours on pixels find the class only a little more often than chance (10%)."""
+    train, val = nb.ShapesDataset(2000, 32, seed=1), nb.ShapesDataset(400, 32, seed=2)
+    pixels = lambda d: nb.normalize_uint8(torch.from_numpy(d.images)).flatten(1)
+    top1 = nb.knn_classify(pixels(train), train.labels, pixels(val), val.labels, k=20)[20][0]
+    assert top1 < 35
