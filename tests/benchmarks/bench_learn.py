@@ -11,6 +11,7 @@ Output: tests/benchmarks/results/learn-<name>.json, with the machine named.
     python tests/benchmarks/bench_learn.py --name gpu-short --profile short --images 50000 --device cuda
 """
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -65,6 +66,30 @@ def attention_jaccard(nb, backbone, val, cfg, n=500):
     return ((pixels & objects).flatten(1).sum(1) / union).mean().item()
 
 
+def attention_figure(nb, backbones, val, cfg, path, n=6):
+    """One row per model (random init, trained): the attention mask of each of n validation images (the
+    mean of the heads, cfg.attn_threshold of the mass) in cyan, the object's outline in yellow."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(backbones), n, figsize=(1.6 * n, 1.75 * len(backbones)), squeeze=False)
+    for row, (name, (backbone, jaccard)) in enumerate(backbones.items()):
+        maps = nb.cls_attention_maps(backbone, torch.from_numpy(val.images[:n])).mean(dim=1)
+        kept = nb.attention_mass_mask(maps, cfg.attn_threshold).float().numpy()
+        for col, ax in enumerate(axes[row]):
+            image = val.images[col].transpose(1, 2, 0)
+            size = image.shape[:2]
+            ax.imshow(image)
+            for mask, colour in ((nb.upsample_map(kept[col], size) > 0.5, "cyan"), (val.masks[col], "yellow")):
+                for contour in nb.mask_contours(mask):
+                    ax.plot(contour[:, 1], contour[:, 0], color=colour, linewidth=1.2)
+            ax.axis("off")
+        axes[row, 0].set_title(f"{name}: Jaccard {jaccard:.2f}", fontsize=9, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80, format="jpeg", pil_kwargs={"quality": 85})
+    plt.close(fig)
+
+
 def evaluate(nb, trainer, train, val, device, bank):
     backbone, cfg = trainer.teacher.backbone, trainer.cfg
     features = lambda images: nb.extract_features(backbone, images, batch_size=500, device=device)
@@ -97,6 +122,7 @@ def main():
     made = time.perf_counter() - start
     nb.seed_everything(cfg.seed)
     trainer = nb.DINOTrainer(cfg, len(train), device)
+    initial = copy.deepcopy(trainer.teacher.backbone)
     raw = knn_top1(nb, raw_pixels(nb, device), train, val, cfg, device, a.bank)
     result = dict(machine=machine(device), device=device.type, profile=a.profile, settings=overrides,
                   config={k: v for k, v in json.loads(json.dumps(vars(cfg))).items() if not k.startswith("_")},
@@ -133,7 +159,12 @@ def main():
     out = Path(a.out) / f"learn-{a.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    epochs = result["epochs"]
+    attention_figure(nb, {"random init": (initial, epochs[0]["attention_jaccard"]),
+                          f"trained, epoch {epochs[-1]['epoch']:g}": (trainer.teacher.backbone,
+                                                                      epochs[-1]["attention_jaccard"])},
+                     val, cfg, out.with_name(f"learn-{a.name}-attention.jpg"))
+    print(f"wrote {out} and its attention figure")
 
 
 if __name__ == "__main__":
