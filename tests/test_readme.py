@@ -159,7 +159,8 @@ def test_a_folder_run_writes_only_into_its_own_folders(folder_run):
     assert {"data_samples.jpg", "training.png", "retrieval.jpg", "attention_val_nearest.jpg",
             "attention_own_files.jpg", "patch_pca.jpg"} <= figures and "training_demo_long.png" not in figures
     assert sorted(p.name for p in run.iterdir()) == ["features", "last.pth", "log.jsonl", "settings.json",
-                                                     "teacher.pth"]   # the demo profile keeps no epoch files
+                                                     "teacher.pth", "train.lock"]   # no epoch files in the
+    #                                                  demo profile; the lock file stays, emptied, after the run
     for split, rows in (("train", 21), ("val", 3), ("own", 9)):   # 7 + 1 of each class's 8; 8 + 1 own files
         assert np.load(run / "features" / split / "features.npy").shape == (rows, 192), split
     for note in (run / "features" / "source.json", run / "features" / "own" / "source.json"):

@@ -78,7 +78,7 @@ def test_the_demo_checkpoint_serves_the_embedded_sample_only(nb, tmp_path):
     demo_file = tmp_path / "demo_teacher.pth"
     torch.save(nb.build_backbone(nb.make_config("demo"), drop_path_rate=0.0).state_dict(), demo_file)
     embedded = tiny(nb, tmp_path, demo_checkpoint=str(demo_file))
-    assert nb.teacher_source(embedded) == (demo_file, "the demo checkpoint, a 100-epoch demo run on the embedded sample")
+    assert nb.teacher_source(embedded) == (demo_file, "the demo checkpoint: the demo profile run for 100 epochs on all of the embedded sample, on a GPU")
     folder = tiny(nb, tmp_path, demo_checkpoint=str(demo_file), data_root=str(image_folder(tmp_path / "photos")))
     run_dir = nb.run_directory(folder)
     path, what = nb.teacher_source(folder)
