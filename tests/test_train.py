@@ -142,7 +142,8 @@ def test_resume_is_bit_exact(nb, tmp_path):
     assert torch.equal(whole.loss.center, resumed.loss.center)
     assert [r["step"] for r in history if r["kind"] == "step"] == list(range(1, 9))
     assert sorted(p.name for p in (tmp_path / "ck" / "halves").iterdir()) == [   # last.prev.pth goes at the end
-        "epoch_0001.pth", "epoch_0002.pth", "last.pth", "log.jsonl", "settings.json", "teacher.pth"]
+        "epoch_0001.pth", "epoch_0002.pth", "last.pth", "log.jsonl", "settings.json", "teacher.pth",
+        "train.lock"]   # the one-writer lock's file stays, empty and unlocked
 
 
 def test_a_run_keeps_what_its_plan_says_at_the_sizes_it_says(nb, tmp_path, capsys):
@@ -153,7 +154,8 @@ def test_a_run_keeps_what_its_plan_says_at_the_sizes_it_says(nb, tmp_path, capsy
     data = Data()
     nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
     run_dir = tmp_path / "ck" / cfg.run_name
-    assert sorted(p.name for p in run_dir.iterdir()) == ["last.pth", "log.jsonl", "settings.json", "teacher.pth"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["last.pth", "log.jsonl", "settings.json", "teacher.pth",
+                                                         "train.lock"]
     sizes = nb.checkpoint_sizes(cfg)
     for name, key in (("last.pth", "training"), ("teacher.pth", "teacher")):
         on_disk = (run_dir / name).stat().st_size
