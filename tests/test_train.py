@@ -261,3 +261,19 @@ def test_the_loader_starts_no_more_workers_than_there_are_cores(nb):
         assert loader._num_workers == cores
         got = [b.numpy() for b in loader]
     assert all(np.array_equal(g, data.images[b]) for g, b in zip(got, batches)) and len(got) == len(batches)
+
+
+def test_a_checkpoint_from_another_device_steps_here(nb, tmp_path):
+    """A checkpoint's optimizer groups carry where they were written (capturable on a GPU); after loading,
+    the step uses this trainer's own settings: its device-side learning rate, no AdamW weight decay."""
+    cfg = tiny_cfg(nb, tmp_path)
+    t = nb.DINOTrainer(cfg, 16, torch.device("cpu"))
+    nb.train_step(t, torch.from_numpy(Data().images[:4]))
+    state = t.optimizer.state_dict()
+    for group in state["param_groups"]:
+        group.update(capturable=True, lr=0.5, weight_decay=0.04)   # as a GPU run with a float lr saved them
+    t.optimizer.load_state_dict(state)
+    stats = nb.train_step(t, torch.from_numpy(Data().images[4:8]))
+    assert all(g["capturable"] is False and g["lr"] is t.now["lr"] and g["weight_decay"] == 0.0
+               for g in t.optimizer.param_groups)
+    assert t.now["lr"].item() == pytest.approx(stats["lr"])
