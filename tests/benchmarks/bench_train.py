@@ -56,18 +56,29 @@ def flops_per_image(nb, trainer, batch):
     return counter.get_total_flops() / len(batch)
 
 
-def step_rate(nb, trainer, batches, steps):
-    """images/s of train_step over `steps` steps drawn from the iterator `batches` (after 2 warm-ups)."""
-    for _ in range(2):
-        nb.train_step(trainer, next(batches))
+def timed_steps(nb, trainer, batches, steps, read_every=None, warmups=2):
+    """(images/s over `steps` steps drawn from the iterator `batches`, seconds of the `warmups` steps before
+    them: compile, eager steps and the recording of a CUDA graph happen there). read_every=10 reads the
+    figures back every 10 steps as run_epoch does with log_every_steps=10; None calls train_step with its
+    defaults (also a notebook from before the read-back existed)."""
+    read = (lambda i: (i is None or (i + 1) % read_every == 0,)) if read_every else (lambda i: ())
     sync(trainer.device)
-    start, n = time.perf_counter(), 0
-    for _ in range(steps):
+    start = time.perf_counter()
+    for _ in range(warmups):   # figures read at each warm-up step (i None)
+        nb.train_step(trainer, next(batches), *read(None))
+    sync(trainer.device)
+    first, start, n = time.perf_counter() - start, time.perf_counter(), 0
+    for i in range(steps):
         batch = next(batches)
         n += len(batch) if torch.is_tensor(batch) else len(batch[0])
-        nb.train_step(trainer, batch)
+        nb.train_step(trainer, batch, *read(i))
     sync(trainer.device)
-    return n / (time.perf_counter() - start)
+    return n / (time.perf_counter() - start), first
+
+
+def step_rate(nb, trainer, batches, steps):
+    """images/s of train_step with its defaults, after 2 warm-up steps."""
+    return timed_steps(nb, trainer, batches, steps)[0]
 
 
 def repeat(batch):
@@ -184,24 +195,6 @@ VARIANTS = {"eager": dict(compile=False, cuda_graphs=False), "graphs": dict(comp
             "compile": dict(compile=True, cuda_graphs=False), "compile+graphs": dict(compile=True, cuda_graphs=True)}
 
 
-def timed_steps(nb, trainer, batches, steps, read_every=10):
-    """(images/s over `steps` steps, seconds of the first 3 steps): the loop's cadence, figures read
-    back every `read_every` steps as run_epoch does with log_every_steps=10."""
-    sync(trainer.device)
-    start = time.perf_counter()
-    for _ in range(3):   # compile, the eager steps and the recording of a CUDA graph happen here
-        nb.train_step(trainer, next(batches), True)
-    sync(trainer.device)
-    first = time.perf_counter() - start
-    start, n = time.perf_counter(), 0
-    for i in range(steps):
-        batch = next(batches)
-        n += len(batch)
-        nb.train_step(trainer, batch, (i + 1) % read_every == 0)
-    sync(trainer.device)
-    return n / (time.perf_counter() - start), first
-
-
 def gpu_variant(nb, arch, variant, images, device, steps, batch_size):
     cfg = nb.make_config("imagenet64", arch=arch, checkpoint_dir="/tmp/bench_train", num_workers=6,
                          batch_size=batch_size, **VARIANTS[variant])
@@ -210,10 +203,10 @@ def gpu_variant(nb, arch, variant, images, device, steps, batch_size):
     nb.seed_everything(0)
     trainer = nb.DINOTrainer(cfg, len(images), device)
     on_gpu = torch.from_numpy(images[:cfg.batch_size]).to(device)
-    compute, first = timed_steps(nb, trainer, repeat(on_gpu), steps)
+    compute, first = timed_steps(nb, trainer, repeat(on_gpu), steps, read_every=10, warmups=3)
     batches = nb.batch_loader(images, nb.epoch_batches(len(images), cfg.batch_size, 0, 0) * 10, cfg.num_workers,
                               pin_memory=device.type == "cuda")
-    fed, _ = timed_steps(nb, trainer, batches, steps)
+    fed, _ = timed_steps(nb, trainer, batches, steps, read_every=10, warmups=3)
     overhead = first - 3 * cfg.batch_size / compute
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return trainer, dict(compute=compute, fed=fed, overhead=overhead, memory=memory)
@@ -246,6 +239,11 @@ def run_gpu(nb, device, archs, steps, workers, batch_size, variants, old_nb=None
                     print(profile_table(nb, trainer, torch.from_numpy(images[:batch_size]).to(device), variant))
                 except Exception as error:
                     print(f"  profile of {variant} FAILED: {type(error).__name__}: {error}")
+            if arch == "vit_small" and variant == variants[-1]:
+                cfg = trainer.cfg
+                classic = step_rate(nb, trainer, per_image_loader(nb, cfg, images, workers), steps)
+                print(f"  per-image CPU pipeline, {workers} workers: {classic:8,.0f} images/s -> ours from the "
+                      f"memmap is {r['fed'] / classic:.1f}x", flush=True)
             del trainer
             if cuda:
                 torch.cuda.empty_cache()
