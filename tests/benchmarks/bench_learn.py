@@ -53,13 +53,19 @@ def raw_pixels(nb, device):
     return lambda images: nb.normalize_uint8(torch.from_numpy(np.asarray(images)).to(device)).flatten(1).cpu()
 
 
+def attention_masks(nb, backbone, images, cfg, chunk=250):
+    """(n, h, w) boolean: for each image, the smallest set of patches holding cfg.attn_threshold of the
+    CLS token's last-layer attention, the mean of the heads (the notebook's mass fraction)."""
+    maps = torch.cat([nb.cls_attention_maps(backbone, torch.from_numpy(images[s:s + chunk]))
+                      for s in range(0, len(images), chunk)])
+    return nb.attention_mass_mask(maps.mean(dim=1), cfg.attn_threshold)
+
+
 def attention_jaccard(nb, backbone, val, cfg, n=500):
-    """Mean Jaccard similarity between the teacher's attention mask (mean of the heads, the smallest
-    set of patches holding cfg.attn_threshold of the mass) and each object's mask, at the patch grid."""
-    patch, images, masks = cfg.patch_size, val.images[:n], torch.from_numpy(val.masks[:n])
-    maps = torch.cat([nb.cls_attention_maps(backbone, torch.from_numpy(images[s:s + 250]))
-                      for s in range(0, len(images), 250)])
-    kept = nb.attention_mass_mask(maps.mean(dim=1), cfg.attn_threshold)            # (n, h, w)
+    """Mean Jaccard similarity between the teacher's attention mask and each object's mask, at the
+    patch grid."""
+    patch, masks = cfg.patch_size, torch.from_numpy(val.masks[:n])
+    kept = attention_masks(nb, backbone, val.images[:n], cfg)
     pixels = kept.repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2)
     objects = masks[:, :pixels.shape[1], :pixels.shape[2]]
     union = (pixels | objects).flatten(1).sum(1).clamp(min=1)
@@ -74,8 +80,7 @@ def attention_figure(nb, backbones, val, cfg, path, n=6):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(len(backbones), n, figsize=(1.6 * n, 1.75 * len(backbones)), squeeze=False)
     for row, (name, (backbone, jaccard)) in enumerate(backbones.items()):
-        maps = nb.cls_attention_maps(backbone, torch.from_numpy(val.images[:n])).mean(dim=1)
-        kept = nb.attention_mass_mask(maps, cfg.attn_threshold).float().numpy()
+        kept = attention_masks(nb, backbone, val.images[:n], cfg).float().numpy()
         for col, ax in enumerate(axes[row]):
             image = val.images[col].transpose(1, 2, 0)
             size = image.shape[:2]
