@@ -208,3 +208,81 @@ def test_sinkhorn_centering_loss_and_no_centre(nb):
     assert torch.equal(loss_fn.center, torch.zeros(1, 16))                # no running centre with Sinkhorn-Knopp
     with pytest.raises(ValueError, match="centering='median'"):
         nb.DINOLoss(16, 4, 0.04, 0.04, 0, 1, centering="median")
+
+
+def split_head_loss(nb, centering, ncrops, batch, out_dim=64, seed=0):
+    """The loss and the head's gradients, from the logits and from the split last layer."""
+    torch.manual_seed(seed)
+    head = nb.DINOHead(12, out_dim, hidden_dim=24, bottleneck_dim=8, norm_last_layer=False)
+    features, teacher = torch.randn(ncrops * batch, 12), 3 * torch.randn(2 * batch, out_dim)
+    results = []
+    for split in (False, True):
+        loss_fn = make_loss(nb, out_dim, ncrops, centering=centering)
+        loss_fn.center.copy_(0.1 * torch.arange(out_dim).view(1, -1) / out_dim)
+        head.zero_grad()
+        student = (head.embed(features), head.last_layer.weight) if split else head(features)
+        loss, entropy = loss_fn(student, teacher, epoch=1, with_entropy=True)
+        loss.backward()
+        results.append((loss, entropy, loss_fn.center.clone(), [p.grad.clone() for p in head.parameters()]))
+    return results
+
+
+@pytest.mark.parametrize("centering", ["mean", "sinkhorn_knopp"])
+@pytest.mark.parametrize("ncrops,batch", [(2, 3), (6, 4), (12, 2)])
+def test_the_loss_from_the_split_last_layer_equals_the_loss_from_the_logits(nb, centering, ncrops, batch):
+    (loss, entropy, center, grads), (split_loss, split_entropy, split_center, split_grads) = \
+        split_head_loss(nb, centering, ncrops, batch)
+    assert abs(loss.item() - split_loss.item()) <= 1e-5 * max(1.0, abs(loss.item()))
+    assert entropy.item() == split_entropy.item() and torch.equal(center, split_center)
+    for grad, split_grad in zip(grads, split_grads):
+        assert (grad - split_grad).abs().max() <= 1e-5 * grad.abs().max().clamp(min=1e-6)
+    assert any(g.abs().max() > 0 for g in grads)
+
+
+def test_the_training_step_never_forms_the_students_logits(nb, tmp_path):
+    """model_step hands the loss the last layer's inputs: the student's last layer is never called, the
+    teacher's is (once, on its two global crops)."""
+    cfg = nb.make_config("demo", checkpoint_dir=str(tmp_path), batch_size=4, n_local_crops=2, out_dim=64)
+    trainer = nb.DINOTrainer(cfg, 8, torch.device("cpu"))
+    calls = {"student": 0, "teacher": 0}
+    for name in calls:
+        getattr(trainer, name).head.last_layer.register_forward_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    stats = nb.train_step(trainer, torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8))
+    assert calls == {"student": 0, "teacher": 1} and math.isfinite(stats["loss"])
+
+
+def test_split_last_layer_under_bfloat16_autocast_follows_the_unsplit_product(nb):
+    """Under autocast the split head hands both factors over in bfloat16, as the last layer multiplies them."""
+    torch.manual_seed(0)
+    wrapper = nb.MultiCropWrapper(torch.nn.Identity(), nb.DINOHead(16, 128, hidden_dim=32, bottleneck_dim=8))
+    crops = [torch.randn(3, 16), torch.randn(3, 16)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = wrapper(crops)
+        embeddings, weight = wrapper(crops, split_last_layer=True)
+    assert embeddings.dtype == weight.dtype == logits.dtype == torch.bfloat16
+    assert torch.equal(embeddings @ weight.t(), logits)
+
+
+def test_split_loss_under_bfloat16_matches_the_unsplit_within_bfloat16_rounding(nb):
+    """The bfloat16 step (GPU autocast) through the split loss: loss and gradients as the logits path's,
+    within what bfloat16 rounding moves (both are compared with float32)."""
+    torch.manual_seed(0)
+    wrapper = nb.MultiCropWrapper(torch.nn.Identity(), nb.DINOHead(16, 256, hidden_dim=32, bottleneck_dim=8,
+                                                                   norm_last_layer=False))
+    crops, teacher = [torch.randn(4, 16) for _ in range(6)], torch.randn(8, 256)
+    results = {}
+    for name, split, amp in (("float32", False, False), ("logits", False, True), ("split", True, True)):
+        loss_fn = make_loss(nb, 256, 6)
+        wrapper.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            student = wrapper(crops, split_last_layer=split)
+        loss = loss_fn(student, teacher, epoch=0)
+        loss.backward()
+        results[name] = (loss.item(), torch.cat([p.grad.flatten() for p in wrapper.parameters() if p.grad is not None]))
+    exact_loss, exact_grad = results["float32"]
+    errors = {name: (abs(loss - exact_loss), ((grad - exact_grad).norm() / exact_grad.norm()).item())
+              for name, (loss, grad) in results.items() if name != "float32"}
+    assert errors["logits"][1] > 0   # bfloat16 did round
+    assert errors["split"][0] <= 2 * errors["logits"][0] + 1e-3
+    assert errors["split"][1] <= 2 * errors["logits"][1] + 1e-3, errors

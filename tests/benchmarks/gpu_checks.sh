@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of one lent GPU session, in one call of about 8 minutes: a smoke test of the CUDA-graph
 # step, two learning runs (bench_learn.py: the paper's recipe shortened, and a short-run recipe; ViT-S/8,
-# 64 px, 50,000 generated images, 5 epochs), then the step's speed (bench_train.py: variants, profiles, the step
-# before this change, the official code). Results go to $OUT (default /tmp/gpu-checks).
+# 64 px, 50,000 generated images, 5 epochs), the loss from the logits against the loss per crop
+# (bench_head_loss.py), then the step's speed (bench_train.py: variants, profiles, the step before this
+# change, the official code). Results go to $OUT (default /tmp/gpu-checks).
 #   bash tests/benchmarks/gpu_checks.sh OLD_NOTEBOOK.ipynb PATH_TO_facebookresearch_dino
 set -u
 OUT=${OUT:-/tmp/gpu-checks}; mkdir -p "$OUT"
@@ -22,5 +23,7 @@ timeout 150 python3 tests/benchmarks/bench_learn.py --name gpu-paper-short --pro
 timeout 150 python3 tests/benchmarks/bench_learn.py --name gpu-short-sk --profile imagenet64 "${common[@]}" \
     warmup_epochs=1 norm_last_layer=true out_dim=4096 teacher_temp=0.04 warmup_teacher_temp_epochs=0 \
     momentum_teacher=0.99 drop_path_rate=0.0 centering=sinkhorn_knopp 2>&1 | grep -v Warning | tee -a "$OUT/learn.txt"
+timeout 60 python3 tests/benchmarks/bench_head_loss.py --device cuda --batch 256 2>&1 | grep -v Warning \
+    | tee "$OUT/bench_head_loss.txt"
 timeout 200 python3 tests/benchmarks/bench_train.py --device cuda --steps 15 --variants eager graphs compile+graphs \
     ${BEFORE:+--before "$BEFORE"} ${OFFICIAL:+--official "$OFFICIAL"} 2>&1 | grep -v Warning | tee "$OUT/bench_train.txt"

@@ -19,11 +19,13 @@ def main():
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
     runs = [["bench_data.py"] + (["--n", "10000", "--reads", "10000"] if a.quick else []),
-            ["bench_augment.py"], ["bench_knn.py"], ["bench_train.py", "--device", "cpu"]]
+            ["bench_augment.py"], ["bench_knn.py"], ["bench_head_loss.py", "--device", "cpu"],
+            ["bench_train.py", "--device", "cpu"]]
     try:
         import torch
         if torch.cuda.is_available():
-            runs += [["bench_knn.py", "--device", "cuda"], ["bench_train.py", "--device", "cuda"]]
+            runs += [["bench_knn.py", "--device", "cuda"], ["bench_head_loss.py", "--device", "cuda", "--batch", "256"],
+                     ["bench_train.py", "--device", "cuda"]]
     except ImportError:
         pass
     failed = []

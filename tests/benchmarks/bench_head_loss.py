@@ -1,0 +1,78 @@
+"""The DINO loss from the student's logits against the same loss formed per crop from the last layer's
+inputs (ChunkedHeadCrossEntropy, what the training step runs): time of forward + backward through the
+last layer and the loss, and peak memory, each in a fresh process, at the imagenet64 shapes
+(2 global + 10 local crops, out_dim 65,536, bottleneck 256).
+Run: python tests/benchmarks/bench_head_loss.py [--batch 64] [--device cpu|cuda] [--steps 5]
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def measure(split, batch, out_dim, crops, steps, device):
+    from nbloader import load_notebook
+    nb = load_notebook()
+    torch.manual_seed(0)
+    head = nb.DINOHead(384, out_dim, norm_last_layer=False).to(device)
+    loss_fn = nb.DINOLoss(out_dim, crops, 0.04, 0.04, 0, 1).to(device)
+    features = torch.randn(crops * batch, 384, device=device)
+    teacher = torch.randn(2 * batch, out_dim, device=device)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for step in range(steps + 1):
+        sync()
+        start = time.perf_counter()
+        with torch.autocast(**amp):
+            student = (head.embed(features), head.last_layer.weight) if split else head(features)
+            if split and amp["enabled"]:
+                student = tuple(t.to(torch.bfloat16) for t in student)
+        loss = loss_fn(student, teacher, epoch=0)
+        head.zero_grad(set_to_none=True)
+        loss.backward()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return dict(loss=loss.item(), seconds=sorted(times[1:])[len(times[1:]) // 2], peak_bytes=peak)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--out-dim", type=int, default=65536)
+    p.add_argument("--crops", type=int, default=12)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--one", choices=["logits", "split"], help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.one:
+        print(json.dumps(measure(a.one == "split", a.batch, a.out_dim, a.crops, a.steps, torch.device(a.device))))
+        return
+    logits_mib = a.crops * a.batch * a.out_dim * 4 / 2**20
+    print(f"loss + last layer, forward and backward: {a.crops} crops x batch {a.batch} x out_dim {a.out_dim} "
+          f"on {a.device} ({torch.get_num_threads()} threads), torch {torch.__version__}; "
+          f"the student's logits in float32: {logits_mib:.0f} MiB")
+    results = {}
+    for kind in ("logits", "split"):
+        out = subprocess.run([sys.executable, __file__, "--one", kind] + sys.argv[1:], check=True,
+                             capture_output=True, text=True).stdout
+        results[kind] = json.loads(out.strip().splitlines()[-1])
+        r = results[kind]
+        print(f"  {kind:6s}: loss {r['loss']:.6f}, {1000 * r['seconds']:.0f} ms, peak memory "
+              f"{r['peak_bytes'] / 2**20:.0f} MiB{' (process RSS)' if a.device == 'cpu' else ''}")
+    l, s = results["logits"], results["split"]
+    print(f"  split / logits: time {s['seconds'] / l['seconds']:.2f}x, peak memory "
+          f"{s['peak_bytes'] / l['peak_bytes']:.2f}x; |loss difference| {abs(l['loss'] - s['loss']):.1e}")
+
+
+if __name__ == "__main__":
+    main()
