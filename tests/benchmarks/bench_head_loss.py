@@ -22,8 +22,9 @@ def measure(split, batch, out_dim, crops, steps, device):
     nb = load_notebook()
     torch.manual_seed(0)
     head = nb.DINOHead(384, out_dim, norm_last_layer=False).to(device)
+    student = nb.MultiCropWrapper(torch.nn.Identity(), head)   # the backbone's features given: the head alone
     loss_fn = nb.DINOLoss(out_dim, crops, 0.04, 0.04, 0, 1).to(device)
-    features = torch.randn(crops * batch, 384, device=device)
+    features = list(torch.randn(crops * batch, 384, device=device).chunk(crops))
     teacher = torch.randn(2 * batch, out_dim, device=device)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -32,10 +33,8 @@ def measure(split, batch, out_dim, crops, steps, device):
         sync()
         start = time.perf_counter()
         with torch.autocast(**amp):
-            student = (head.embed(features), head.last_layer.weight) if split else head(features)
-            if split and amp["enabled"]:
-                student = tuple(t.to(torch.bfloat16) for t in student)
-        loss = loss_fn(student, teacher, epoch=0)
+            output = student(features, split_last_layer=split)
+        loss = loss_fn(output, teacher, epoch=0)
         head.zero_grad(set_to_none=True)
         loss.backward()
         sync()

@@ -202,12 +202,12 @@ def gpu_variant(nb, arch, variant, images, device, steps, batch_size):
         torch.cuda.reset_peak_memory_stats()
     nb.seed_everything(0)
     trainer = nb.DINOTrainer(cfg, len(images), device)
-    on_gpu = torch.from_numpy(images[:cfg.batch_size]).to(device)
-    compute, first = timed_steps(nb, trainer, repeat(on_gpu), steps, read_every=10, warmups=3)
+    on_gpu, warmups = torch.from_numpy(images[:cfg.batch_size]).to(device), 3
+    compute, first = timed_steps(nb, trainer, repeat(on_gpu), steps, read_every=10, warmups=warmups)
     batches = nb.batch_loader(images, nb.epoch_batches(len(images), cfg.batch_size, 0, 0) * 10, cfg.num_workers,
                               pin_memory=device.type == "cuda")
-    fed, _ = timed_steps(nb, trainer, batches, steps, read_every=10, warmups=3)
-    overhead = first - 3 * cfg.batch_size / compute
+    fed, _ = timed_steps(nb, trainer, batches, steps, read_every=10, warmups=warmups)
+    overhead = first - warmups * cfg.batch_size / compute
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return trainer, dict(compute=compute, fed=fed, overhead=overhead, memory=memory)
 
