@@ -286,3 +286,34 @@ def test_split_loss_under_bfloat16_matches_the_unsplit_within_bfloat16_rounding(
     assert errors["logits"][1] > 0   # bfloat16 did round
     assert errors["split"][0] <= 2 * errors["logits"][0] + 1e-3
     assert errors["split"][1] <= 2 * errors["logits"][1] + 1e-3, errors
+
+
+def test_koleo_is_minus_the_mean_log_distance_to_the_nearest_other_feature(nb):
+    """DINOv2's KoLeo term against a direct computation with all pairwise distances; the features'
+    lengths do not matter (they are normalised first)."""
+    torch.manual_seed(0)
+    features = torch.randn(16, 8)
+    unit = F.normalize(features, dim=-1)
+    distances = torch.cdist(unit, unit) + torch.diag(torch.full((16,), float("inf")))
+    expected = -torch.log(distances.min(dim=1).values).mean()
+    assert abs(nb.koleo_loss(features).item() - expected.item()) < 1e-5
+    assert abs(nb.koleo_loss(3 * features).item() - expected.item()) < 1e-5
+    spread, bunched = torch.eye(8), torch.eye(8) + 5.0           # far apart vs all alike: the term is larger
+    assert nb.koleo_loss(bunched).item() > nb.koleo_loss(spread).item() + 1
+
+
+def test_koleo_weight_changes_the_update_not_the_dino_loss_read_back(nb, tmp_path):
+    """With koleo_weight > 0 the step's read-back loss is still DINO's (so KL = loss - entropy), while
+    the update differs by the KoLeo gradient of the student's global CLS features."""
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for weight in (0.0, 0.5):
+        cfg = nb.make_config("demo", checkpoint_dir=str(tmp_path / str(weight)), batch_size=4, n_local_crops=2,
+                             out_dim=64, koleo_weight=weight)
+        nb.seed_everything(0)
+        trainer = nb.DINOTrainer(cfg, 8, torch.device("cpu"))
+        trainer.schedules["lr"][:] = 1e-3                           # a step that moves the weights
+        stats = nb.train_step(trainer, images)
+        runs[weight] = stats["loss"], trainer.student.backbone.cls_token.detach().clone()
+    assert abs(runs[0.0][0] - runs[0.5][0]) < 1e-6
+    assert (runs[0.0][1] - runs[0.5][1]).abs().max() > 1e-6

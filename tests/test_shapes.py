@@ -25,12 +25,17 @@ def test_the_same_seed_gives_the_same_set_and_another_seed_another(nb):
     assert not np.array_equal(a.images, c.images)
 
 
-def test_objects_and_background_differ_where_the_mask_says(nb):
-    data = nb.ShapesDataset(40, 64, seed=0)
-    images = data.images.astype(np.float32)
-    for image, mask in zip(images, data.masks):
-        inside, outside = image[:, mask].mean(1), image[:, ~mask].mean(1)
-        assert np.abs(inside - outside).max() > 10    # the object stands out from its background
+def test_objects_stand_out_from_a_flat_grey_where_the_mask_says(nb):
+    """Outside the mask: one neutral grey with a little noise; inside: the class's pattern in a colour
+    and its inverse, which differ from that grey far more than the noise does."""
+    data = nb.ShapesDataset(60, 64, seed=0)
+    ratios = []
+    for image, mask in zip(data.images.astype(np.float32), data.masks):
+        grey = np.median(image[:, ~mask], axis=1)[:, None, None]
+        assert np.ptp(grey) <= 4                                   # neutral: the same level in R, G and B
+        away = np.abs(image - grey).max(0)                         # the largest channel's distance from it
+        ratios.append(away[mask].mean() / away[~mask].mean())
+    assert min(ratios) > 1.3 and np.median(ratios) > 3
 
 
 def test_each_class_is_its_own_shape(nb):

@@ -16,7 +16,7 @@ def test_the_alarm_reads_the_figures(nb, tmp_path):
     log_k = math.log(1024)
     uniform = nb.stall_alarm(rows(0.97 * log_k, 0.05), cfg, epoch=1)
     assert "near-uniform" in uniform and f"{0.97 * log_k:.2f} of at most {log_k:.2f}" in uniform
-    assert "sinkhorn_knopp" in uniform                                   # says what to try
+    assert "`short` profile" in uniform and "koleo_weight=0.1" in uniform   # says what to try
     assert "few prototypes" in nb.stall_alarm(rows(0.01, 0.001), cfg, epoch=1)
     assert nb.stall_alarm(rows(0.6 * log_k, 1.2), cfg, epoch=1) is None     # healthy
     assert nb.stall_alarm(rows(0.97 * log_k, 2.0), cfg, epoch=1) is None    # uniform teacher, student still learning
