@@ -12,26 +12,14 @@ from pathlib import Path
 import torch
 
 TESTS = Path(__file__).resolve().parent
-SETTINGS = dict(patch_size=16, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, batch_size=4,
-                n_local_crops=2, max_train_images=0, epochs=2, warmup_epochs=1, log_every_steps=1,
-                eval_every_epochs=2, save_every_epochs=1, checkpoint_every_steps=1)
 
 # The child trains with the notebook's own code and announces on stdout the moments the parent may
 # kill it at; each announcement is followed by a pause, so that a kill lands inside that moment.
 CHILD = r"""
 import json, os, sys, time
-import numpy as np, torch
 sys.path.insert(0, sys.argv[1])
-from nbloader import load_notebook
-nb = load_notebook()
-torch.set_num_threads(1)
-cfg = nb.make_config("demo", **json.loads(sys.argv[2]))
-
-class Data:
-    images = np.random.default_rng(0).integers(0, 256, (12, 3, 64, 64), dtype=np.uint8)
-    labels = np.arange(12) % 4
-    def __len__(self):
-        return 12
+from tiny_run import SETTINGS, nb, train as train_run
+cfg = nb.make_config("demo", **SETTINGS, epochs=2, eval_every_epochs=2, **json.loads(sys.argv[2]))
 
 def announce(event):
     print(event, flush=True)
@@ -52,7 +40,7 @@ def replace(src, dst):
 nb.train_step, nb.atomic_write, os.replace = step, write, replace
 
 def train():
-    nb.train_dino(cfg, Data(), Data(), torch.device("cpu"), progress=False)
+    train_run(cfg)
     print("done", flush=True)
 
 if sys.argv[3] == "once":
@@ -73,7 +61,7 @@ else:   # a fork server: each line on stdin starts one more run, without importi
 
 
 def start(run_name, checkpoint_dir, mode="once"):
-    settings = json.dumps({**SETTINGS, "run_name": run_name, "checkpoint_dir": str(checkpoint_dir)})
+    settings = json.dumps({"run_name": run_name, "checkpoint_dir": str(checkpoint_dir)})
     return subprocess.Popen([sys.executable, "-c", CHILD, str(TESTS), settings, mode], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -16,26 +16,14 @@ import pytest
 import torch
 
 TESTS = Path(__file__).resolve().parent
-SETTINGS = dict(patch_size=16, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, batch_size=4,
-                n_local_crops=2, max_train_images=0, epochs=1, warmup_epochs=1, log_every_steps=1,
-                eval_every_epochs=1, save_every_epochs=1, checkpoint_every_steps=1)
 
 # A fork server: it imports the notebook once, then each "start NAME RUN" line forks a trainer of run RUN that
 # prints "NAME step S" before each step and, at step 1, waits for the file NAME.go; "wait NAME" reaps it.
 SERVER = r"""
-import json, os, sys, time
-import numpy as np, torch
+import os, sys, time
 sys.path.insert(0, sys.argv[1])
-from nbloader import load_notebook
-nb = load_notebook()
-torch.set_num_threads(1)
-folder, settings = sys.argv[2], json.loads(sys.argv[3])
-
-class Data:
-    images = np.random.default_rng(0).integers(0, 256, (12, 3, 64, 64), dtype=np.uint8)
-    labels = np.arange(12) % 4
-    def __len__(self):
-        return 12
+from tiny_run import SETTINGS, nb, train
+folder = sys.argv[2]
 
 def trainer(name, run):
     real_step = nb.train_step
@@ -45,9 +33,9 @@ def trainer(name, run):
             time.sleep(0.01)
         return real_step(t, images, diagnostics)
     nb.train_step = step
-    cfg = nb.make_config("demo", run_name=run, checkpoint_dir=folder, **settings)
+    cfg = nb.make_config("demo", run_name=run, checkpoint_dir=folder, **SETTINGS, epochs=1, eval_every_epochs=1)
     try:
-        nb.train_dino(cfg, Data(), Data(), torch.device("cpu"), progress=False)
+        train(cfg)
     except nb.RunInUse as error:
         print(f"{name} refused {error}".replace("\n", " "), flush=True)
         os._exit(3)
@@ -74,7 +62,7 @@ for line in sys.stdin:
 class Server:
     def __init__(self, folder):
         self.errors = open(folder / "server.err", "w+")
-        self.process = subprocess.Popen([sys.executable, "-c", SERVER, str(TESTS), str(folder), json.dumps(SETTINGS)],
+        self.process = subprocess.Popen([sys.executable, "-c", SERVER, str(TESTS), str(folder)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
                                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         self.lines, self.said = queue.Queue(), []
