@@ -151,12 +151,14 @@ def main():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - tick
         train_seconds += seconds
-        alarm = nb.stall_alarm(rows, cfg, trainer.epoch - 1) if hasattr(nb, "stall_alarm") else None
-        alarms += [dict(epoch=trainer.epoch, message=alarm)] if alarm else []
+        finished = trainer.step % trainer.iters_per_epoch == 0   # False when the budget cut the epoch short
+        index = trainer.epoch - 1 if finished else trainer.epoch  # the epoch the rows belong to, from 0
+        alarm = nb.stall_alarm(rows, cfg, index) if hasattr(nb, "stall_alarm") else None
         mean = lambda key: float(np.mean([r[key] for r in rows]))
         epoch = dict(epoch=round(trainer.step / trainer.iters_per_epoch, 3), **evaluate(nb, trainer, train, val, device, a.bank),
                      loss=mean("loss"), entropy=mean("entropy"), kl=mean("kl"), images_per_s=images_seen / seconds)
         result["epochs"].append(epoch)
+        alarms += [dict(epoch=epoch["epoch"], message=alarm)] if alarm else []
         print(f"  epoch {epoch['epoch']:g}: " + ", ".join(f"{k} {v:.3f}" for k, v in epoch.items() if k != "epoch")
               + f" ({time.perf_counter() - start:.0f} s)", flush=True)
     result.update(minutes=(time.perf_counter() - start) / 60, train_minutes=train_seconds / 60,
