@@ -151,9 +151,8 @@ def main():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - tick
         train_seconds += seconds
-        finished = trainer.step % trainer.iters_per_epoch == 0   # False when the budget cut the epoch short
-        index = trainer.epoch - 1 if finished else trainer.epoch  # the epoch the rows belong to, from 0
-        alarm = nb.stall_alarm(rows, cfg, index) if hasattr(nb, "stall_alarm") else None
+        last_epoch = (trainer.step - 1) // trainer.iters_per_epoch  # the rows' epoch, from 0, even if the budget cut it
+        alarm = nb.stall_alarm(rows, cfg, last_epoch) if hasattr(nb, "stall_alarm") else None
         mean = lambda key: float(np.mean([r[key] for r in rows]))
         epoch = dict(epoch=round(trainer.step / trainer.iters_per_epoch, 3), **evaluate(nb, trainer, train, val, device, a.bank),
                      loss=mean("loss"), entropy=mean("entropy"), kl=mean("kl"), images_per_s=images_seen / seconds)
