@@ -153,13 +153,14 @@ def main():
         train_seconds += seconds
         last_epoch = (trainer.step - 1) // trainer.iters_per_epoch  # the rows' epoch, from 0, even if the budget cut it
         alarm = nb.stall_alarm(rows, cfg, last_epoch) if hasattr(nb, "stall_alarm") else None
-        mean = lambda key: float(np.mean([r[key] for r in rows]))
+        # null, not NaN, when the budget cut an epoch before its first logged step
+        mean = lambda key: float(np.mean([r[key] for r in rows])) if rows else None
         epoch = dict(epoch=round(trainer.step / trainer.iters_per_epoch, 3), **evaluate(nb, trainer, train, val, device, a.bank),
                      loss=mean("loss"), entropy=mean("entropy"), kl=mean("kl"), images_per_s=images_seen / seconds)
         result["epochs"].append(epoch)
         alarms += [dict(epoch=epoch["epoch"], message=alarm)] if alarm else []
-        print(f"  epoch {epoch['epoch']:g}: " + ", ".join(f"{k} {v:.3f}" for k, v in epoch.items() if k != "epoch")
-              + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"  epoch {epoch['epoch']:g}: " + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in epoch.items()
+                                                           if k != "epoch") + f" ({time.perf_counter() - start:.0f} s)", flush=True)
     result.update(minutes=(time.perf_counter() - start) / 60, train_minutes=train_seconds / 60,
                   max_entropy=float(np.log(cfg.out_dim)), alarms=alarms)
     out = Path(a.out) / f"learn-{a.name}.json"
