@@ -9,9 +9,14 @@ Output: tests/benchmarks/results/learn-<name>.json, with the machine named.
 
     python tests/benchmarks/bench_learn.py --name cpu-short --profile short --images 10000 --img-size 32 ...
     python tests/benchmarks/bench_learn.py --name gpu-short --profile short --images 50000 --device cuda
+
+With --fit-epochs the schedule is sized to the budget: epochs = the whole epochs that fit --minutes, each
+with its evaluation, from steps timed on this machine (the notebook's epochs_for_budget); the run is then
+the run of --set epochs=<that number>.
 """
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import sys
@@ -95,6 +100,17 @@ def attention_figure(nb, backbones, val, cfg, path, n=6):
     plt.close(fig)
 
 
+def fit_epochs(nb, cfg, train, device, minutes, eval_seconds):
+    """epochs_for_budget's answer, said; an error if not one epoch fits."""
+    fitted = nb.epochs_for_budget(cfg, train, device, minutes, eval_seconds=eval_seconds)
+    print(f"fit: {fitted['images_per_s']:.0f} images/s over {fitted['timed_steps']} steps, an epoch with its "
+          f"evaluation ({eval_seconds:.1f} s) {fitted['seconds_per_epoch']:.1f} s: {fitted['epochs']} epochs "
+          f"in {minutes:g} minutes", flush=True)
+    if fitted["epochs"] < 1:
+        sys.exit(f"--fit-epochs: not one epoch fits {minutes:g} minutes (one takes {fitted['seconds_per_epoch']:.0f} s)")
+    return fitted
+
+
 def evaluate(nb, trainer, train, val, device, bank):
     backbone, cfg = trainer.teacher.backbone, trainer.cfg
     features = lambda images: nb.extract_features(backbone, images, batch_size=500, device=device)
@@ -112,6 +128,9 @@ def main():
     p.add_argument("--bank", type=int, default=20_000, help="training images in the k-NN memory bank")
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--minutes", type=float, default=10.0, help="stop training after this much time")
+    p.add_argument("--fit-epochs", action="store_true",
+                   help="set epochs to the whole epochs that fit --minutes, each epoch's evaluation included "
+                        "(the notebook's epochs_for_budget, from steps timed here)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(HERE / "results"))
     a = p.parse_args()
@@ -129,11 +148,18 @@ def main():
     trainer = nb.DINOTrainer(cfg, len(train), device)
     initial = copy.deepcopy(trainer.teacher.backbone)
     raw = knn_top1(nb, raw_pixels(nb, device), train, val, cfg, device, a.bank)
-    result = dict(machine=machine(device), device=device.type, profile=a.profile, settings=overrides,
+    tick = time.perf_counter()
+    first = evaluate(nb, trainer, train, val, device, a.bank)
+    fitted = fit_epochs(nb, cfg, train, device, a.minutes, eval_seconds=time.perf_counter() - tick) if a.fit_epochs else None
+    if fitted:
+        cfg = dataclasses.replace(cfg, epochs=fitted["epochs"])
+        nb.seed_everything(cfg.seed)   # the run is then the run of --set epochs=<fitted>
+        trainer = nb.DINOTrainer(cfg, len(train), device)
+    result = dict(machine=machine(device), device=device.type, profile=a.profile, settings=overrides, fitted=fitted,
                   config={k: v for k, v in json.loads(json.dumps(vars(cfg))).items() if not k.startswith("_")},
                   data=dict(name="ShapesDataset", train=len(train), val=len(val), knn_bank=min(a.bank, len(train)), img_size=a.img_size,
                             classes=len(nb.SHAPE_CLASSES), seconds_to_make=round(made, 1)),
-                  command=" ".join(sys.argv), raw_pixel_knn=raw, epochs=[dict(epoch=0, **evaluate(nb, trainer, train, val, device, a.bank))])
+                  command=" ".join(sys.argv), raw_pixel_knn=raw, epochs=[dict(epoch=0, **first)])
     print(f"{a.name}: {machine(device)}; raw pixels {raw:.1f}%; init {result['epochs'][0]}", flush=True)
     train_seconds, alarms = 0.0, []
     while trainer.epoch < cfg.epochs and train_seconds < 60 * a.minutes:

@@ -1,0 +1,57 @@
+"""epochs_for_budget: the whole epochs a run's settings train in a budget, from steps timed on this
+machine, with the run itself left as it would have been."""
+import math
+
+import pytest
+import torch
+
+from test_train import Data, tiny_cfg
+
+
+def test_the_epochs_follow_from_the_timed_steps(nb, tmp_path):
+    cfg, data = tiny_cfg(nb, tmp_path, epochs=3), Data(n=16)   # 4 steps of 4 images an epoch
+    budget = nb.epochs_for_budget(cfg, data, torch.device("cpu"), minutes=0.5, warmup_steps=1, timed_steps=4)
+    seconds_per_step = cfg.batch_size / budget["images_per_s"]
+    assert budget["timed_steps"] == 4 and budget["images_per_epoch"] == 16
+    assert budget["seconds_per_epoch"] == pytest.approx(4 * seconds_per_step)
+    assert budget["epochs"] == math.floor(30 / budget["seconds_per_epoch"]) and budget["epochs"] > 0
+    with_eval = nb.epochs_for_budget(cfg, data, torch.device("cpu"), minutes=0.5, eval_seconds=10.0,
+                                     warmup_steps=1, timed_steps=4)
+    assert with_eval["epochs"] == math.floor(30 / with_eval["seconds_per_epoch"]) <= 2   # 10 s more an epoch
+    assert nb.epochs_for_budget(cfg, data, torch.device("cpu"), minutes=0.01, eval_seconds=1.0,
+                                warmup_steps=1, timed_steps=1)["epochs"] == 0   # not one epoch fits
+
+
+def test_max_train_images_sets_the_epoch(nb, tmp_path):
+    cfg = tiny_cfg(nb, tmp_path, max_train_images=8)
+    budget = nb.epochs_for_budget(cfg, Data(n=16), torch.device("cpu"), minutes=1, warmup_steps=0, timed_steps=2)
+    assert budget["images_per_epoch"] == 8
+
+
+def test_timing_stays_within_a_short_schedule(nb, tmp_path):
+    """A run of 1 epoch of 2 steps: 3 + 10 steps would run past its schedules, so 2 are run, 1 timed."""
+    cfg = tiny_cfg(nb, tmp_path, epochs=1, warmup_epochs=0)
+    budget = nb.epochs_for_budget(cfg, Data(n=8), torch.device("cpu"), minutes=1)
+    assert budget["timed_steps"] == 1 and budget["epochs"] >= 1
+
+
+def test_the_run_after_it_is_the_run_without_it(nb, tmp_path):
+    """The throwaway trainer leaves the global random state (drop path draws from it) as it found it."""
+    cfg, data = tiny_cfg(nb, tmp_path, drop_path_rate=0.1), Data(n=16)
+
+    def two_steps(measure_first):
+        nb.seed_everything(cfg.seed)
+        if measure_first:
+            nb.epochs_for_budget(cfg, data, torch.device("cpu"), minutes=1, warmup_steps=1, timed_steps=2)
+        trainer = nb.DINOTrainer(cfg, len(data), torch.device("cpu"))
+        batches = nb.epoch_batches(len(data), cfg.batch_size, 0, cfg.seed)
+        return [nb.train_step(trainer, torch.from_numpy(data.images[b]))["loss"] for b in batches[:2]]
+
+    assert two_steps(measure_first=True) == two_steps(measure_first=False)
+
+
+@pytest.mark.parametrize("bad", [dict(minutes=0), dict(minutes=float("nan")), dict(minutes=1, timed_steps=0),
+                                 dict(minutes=1, eval_seconds=-1.0)])
+def test_a_meaningless_budget_is_refused(nb, tmp_path, bad):
+    with pytest.raises(ValueError, match="epochs_for_budget needs"):
+        nb.epochs_for_budget(tiny_cfg(nb, tmp_path), Data(n=16), torch.device("cpu"), **bad)
