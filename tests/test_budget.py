@@ -10,26 +10,37 @@ from test_train import Data, tiny_cfg
 
 def test_the_epochs_follow_from_the_timed_steps(nb, tmp_path):
     cfg, data = tiny_cfg(nb, tmp_path, epochs=3), Data(n=16)   # 4 steps of 4 images an epoch
-    budget = nb.epochs_for_budget(cfg, data, torch.device("cpu"), minutes=0.5, warmup_steps=1, timed_steps=4)
+    budget = nb.epochs_for_budget(cfg, data, torch.device("cpu"), minutes=0.5, warmup_steps=1, timed_steps=4,
+                                  min_seconds=0)
     seconds_per_step = cfg.batch_size / budget["images_per_s"]
     assert budget["timed_steps"] == 4 and budget["images_per_epoch"] == 16
     assert budget["seconds_per_epoch"] == pytest.approx(4 * seconds_per_step)
     assert budget["epochs"] == math.floor(30 / budget["seconds_per_epoch"]) and budget["epochs"] > 0
     with_eval = nb.epochs_for_budget(cfg, data, torch.device("cpu"), minutes=0.5, eval_seconds=10.0,
-                                     warmup_steps=1, timed_steps=4)
+                                     warmup_steps=1, timed_steps=4, min_seconds=0)
     assert with_eval["epochs"] == math.floor(30 / with_eval["seconds_per_epoch"]) <= 2   # 10 s more an epoch
     assert nb.epochs_for_budget(cfg, data, torch.device("cpu"), minutes=0.01, eval_seconds=1.0,
-                                warmup_steps=1, timed_steps=1)["epochs"] == 0   # not one epoch fits
+                                warmup_steps=1, timed_steps=1, min_seconds=0)["epochs"] == 0   # not one fits
+
+
+def test_steps_are_timed_until_min_seconds_have_passed(nb, tmp_path):
+    cfg = tiny_cfg(nb, tmp_path, epochs=100)   # a schedule of 400 steps: time runs out first
+    budget = nb.epochs_for_budget(cfg, Data(n=16), torch.device("cpu"), minutes=1, warmup_steps=1, timed_steps=3,
+                                  min_seconds=1.5)
+    assert budget["timed_steps"] % 3 == 0 and budget["timed_steps"] > 3
+    assert budget["timed_steps"] * cfg.batch_size / budget["images_per_s"] >= 1.5
 
 
 def test_max_train_images_sets_the_epoch(nb, tmp_path):
     cfg = tiny_cfg(nb, tmp_path, max_train_images=8)
-    budget = nb.epochs_for_budget(cfg, Data(n=16), torch.device("cpu"), minutes=1, warmup_steps=0, timed_steps=2)
+    budget = nb.epochs_for_budget(cfg, Data(n=16), torch.device("cpu"), minutes=1, warmup_steps=0, timed_steps=2,
+                                  min_seconds=0)
     assert budget["images_per_epoch"] == 8
 
 
 def test_timing_stays_within_a_short_schedule(nb, tmp_path):
-    """A run of 1 epoch of 2 steps: 3 + 10 steps would run past its schedules, so 2 are run, 1 timed."""
+    """A run of 1 epoch of 2 steps: 3 + 10 steps, or 10 seconds of them, would run past its schedules, so 2
+    are run, 1 timed."""
     cfg = tiny_cfg(nb, tmp_path, epochs=1, warmup_epochs=0)
     budget = nb.epochs_for_budget(cfg, Data(n=8), torch.device("cpu"), minutes=1)
     assert budget["timed_steps"] == 1 and budget["epochs"] >= 1
@@ -42,7 +53,8 @@ def test_the_run_after_it_is_the_run_without_it(nb, tmp_path):
     def two_steps(measure_first):
         nb.seed_everything(cfg.seed)
         if measure_first:
-            nb.epochs_for_budget(cfg, data, torch.device("cpu"), minutes=1, warmup_steps=1, timed_steps=2)
+            nb.epochs_for_budget(cfg, data, torch.device("cpu"), minutes=1, warmup_steps=1, timed_steps=2,
+                                 min_seconds=0)
         trainer = nb.DINOTrainer(cfg, len(data), torch.device("cpu"))
         batches = nb.epoch_batches(len(data), cfg.batch_size, 0, cfg.seed)
         return [nb.train_step(trainer, torch.from_numpy(data.images[b]))["loss"] for b in batches[:2]]
