@@ -13,7 +13,7 @@ def test_the_epochs_follow_from_the_timed_steps(nb, tmp_path):
     budget = nb.epochs_for_budget(cfg, data, torch.device("cpu"), minutes=0.5, warmup_steps=1, timed_steps=4,
                                   min_seconds=0)
     seconds_per_step = cfg.batch_size / budget["images_per_s"]
-    assert budget["timed_steps"] == 4 and budget["images_per_epoch"] == 16
+    assert budget["timed_steps"] == 4 and budget["images_per_epoch"] == 16 and budget["epoch_start_seconds"] == 0
     assert budget["seconds_per_epoch"] == pytest.approx(4 * seconds_per_step)
     assert budget["epochs"] == math.floor(30 / budget["seconds_per_epoch"]) and budget["epochs"] > 0
     with_eval = nb.epochs_for_budget(cfg, data, torch.device("cpu"), minutes=0.5, eval_seconds=10.0,
@@ -29,6 +29,18 @@ def test_steps_are_timed_until_min_seconds_have_passed(nb, tmp_path):
                                   min_seconds=1.5)
     assert budget["timed_steps"] % 3 == 0 and budget["timed_steps"] > 3
     assert budget["timed_steps"] * cfg.batch_size / budget["images_per_s"] >= 1.5
+
+
+def test_an_epoch_counts_the_start_of_its_reader_processes(nb, tmp_path):
+    """Each epoch starts fresh DataLoader workers; on a CPU that costs seconds, which the timed steps of
+    one running loader do not see: timed through a fresh loader too, and added to every epoch."""
+    cfg = tiny_cfg(nb, tmp_path, epochs=10, num_workers=2)
+    budget = nb.epochs_for_budget(cfg, Data(n=16), torch.device("cpu"), minutes=1, warmup_steps=1, timed_steps=4,
+                                  min_seconds=0)
+    seconds_per_step = cfg.batch_size / budget["images_per_s"]
+    assert budget["epoch_start_seconds"] >= 0
+    assert budget["seconds_per_epoch"] == pytest.approx(4 * seconds_per_step + budget["epoch_start_seconds"])
+    assert budget["epochs"] == math.floor(60 / budget["seconds_per_epoch"])
 
 
 def test_max_train_images_sets_the_epoch(nb, tmp_path):
