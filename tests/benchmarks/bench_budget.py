@@ -9,7 +9,6 @@ epochs fitted to --minutes (each epoch with --eval-seconds of evaluation) of eve
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from bench_learn import machine  # noqa: E402
+from bench_learn import machine, shapes_config  # noqa: E402
 from nbloader import load_notebook  # noqa: E402
 
 
@@ -33,8 +32,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
     nb, device = load_notebook(), torch.device(a.device)
-    cfg = nb.make_config(a.profile, img_size=a.img_size, global_crop_size=a.img_size, local_crop_size=a.img_size // 2,
-                         max_train_images=0, num_workers=0, checkpoint_dir=tempfile.mkdtemp(prefix="bench-budget-"))
+    cfg = shapes_config(nb, a.profile, a.img_size, num_workers=0)
     train = nb.ShapesDataset(a.images, a.img_size, seed=1)
     print(f"{machine(device)}; profile {a.profile}, {a.images} images at {a.img_size} px; "
           f"{a.minutes:g} minutes, {a.eval_seconds:g} s of evaluation an epoch")

@@ -47,6 +47,14 @@ def parse_value(text):
         return text
 
 
+def shapes_config(nb, profile, img_size, **overrides):
+    """The profile at the generated set's image size (global crops the whole image, local crops half), every
+    image an epoch, a temporary checkpoint folder; `overrides` on top."""
+    return nb.make_config(profile, **{"img_size": img_size, "global_crop_size": img_size,
+                                      "local_crop_size": img_size // 2, "max_train_images": 0, **overrides,
+                                      "checkpoint_dir": tempfile.mkdtemp(prefix="bench-learn-")})
+
+
 def knn_top1(nb, features, train, val, cfg, device, bank):
     """Weighted k-NN top-1 (%) of all of val against `bank` training images, evenly spaced."""
     chosen = np.linspace(0, len(train) - 1, min(bank, len(train))).round().astype(np.int64)
@@ -136,10 +144,7 @@ def main():
     a = p.parse_args()
     nb, device = load_notebook(), torch.device(a.device)
     overrides = dict(field.split("=", 1) for field in a.set)
-    cfg = nb.make_config(a.profile, **{"img_size": a.img_size, "global_crop_size": a.img_size,
-                                      "local_crop_size": a.img_size // 2, "max_train_images": 0,
-                                      **{k: parse_value(v) for k, v in overrides.items()},
-                                      "checkpoint_dir": tempfile.mkdtemp(prefix="bench-learn-")})
+    cfg = shapes_config(nb, a.profile, a.img_size, **{k: parse_value(v) for k, v in overrides.items()})
     start = time.perf_counter()
     train = nb.ShapesDataset(a.images, a.img_size, seed=1)
     val = nb.ShapesDataset(a.val_images or a.images // 5, a.img_size, seed=2)
@@ -173,8 +178,7 @@ def main():
             images_seen += len(images)
             if train_seconds + time.perf_counter() - tick > 60 * a.minutes:
                 break
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        nb.synchronize(device)
         seconds = time.perf_counter() - tick
         train_seconds += seconds
         last_epoch = (trainer.step - 1) // trainer.iters_per_epoch  # the rows' epoch, from 0, even if the budget cut it
