@@ -1,6 +1,7 @@
 """epochs_for_budget: the whole epochs a run's settings train in a budget, from steps timed on this
 machine, with the run itself left as it would have been."""
 import math
+import time
 
 import pytest
 import torch
@@ -13,12 +14,12 @@ def test_the_epochs_follow_from_the_timed_steps(nb, tmp_path):
     budget = nb.epochs_for_budget(cfg, data, torch.device("cpu"), minutes=0.5, warmup_steps=1, timed_steps=4,
                                   min_seconds=0)
     seconds_per_step = cfg.batch_size / budget["images_per_s"]
-    assert budget["timed_steps"] == 4 and budget["images_per_epoch"] == 16 and budget["epoch_start_seconds"] == 0
+    assert budget["timed_steps"] == 4 and budget["images_per_epoch"] == 16
     assert budget["seconds_per_epoch"] == pytest.approx(4 * seconds_per_step)
-    assert budget["epochs"] == math.floor(30 / budget["seconds_per_epoch"]) and budget["epochs"] > 0
+    assert budget["epochs"] == math.floor((30 - budget["start_seconds"]) / budget["seconds_per_epoch"]) > 0
     with_eval = nb.epochs_for_budget(cfg, data, torch.device("cpu"), minutes=0.5, eval_seconds=10.0,
                                      warmup_steps=1, timed_steps=4, min_seconds=0)
-    assert with_eval["epochs"] == math.floor(30 / with_eval["seconds_per_epoch"]) <= 2   # 10 s more an epoch
+    assert with_eval["epochs"] == math.floor((30 - with_eval["start_seconds"]) / with_eval["seconds_per_epoch"]) <= 2
     assert nb.epochs_for_budget(cfg, data, torch.device("cpu"), minutes=0.01, eval_seconds=1.0,
                                 warmup_steps=1, timed_steps=1, min_seconds=0)["epochs"] == 0   # not one fits
 
@@ -31,16 +32,29 @@ def test_steps_are_timed_until_min_seconds_have_passed(nb, tmp_path):
     assert budget["timed_steps"] * cfg.batch_size / budget["images_per_s"] >= 1.5
 
 
-def test_an_epoch_counts_the_start_of_its_reader_processes(nb, tmp_path):
-    """Each epoch starts fresh DataLoader workers; on a CPU that costs seconds, which the timed steps of
-    one running loader do not see: timed through a fresh loader too, and added to every epoch."""
+def test_the_start_of_the_run_is_taken_from_the_budget_once(nb, tmp_path):
+    """A run starts its reader processes and initialises lazily once: what the warm-up steps took beyond
+    steady steps comes off the budget, not off every epoch."""
     cfg = tiny_cfg(nb, tmp_path, epochs=10, num_workers=2)
-    budget = nb.epochs_for_budget(cfg, Data(n=16), torch.device("cpu"), minutes=1, warmup_steps=1, timed_steps=4,
+    budget = nb.epochs_for_budget(cfg, Data(n=16), torch.device("cpu"), minutes=1, warmup_steps=2, timed_steps=4,
                                   min_seconds=0)
     seconds_per_step = cfg.batch_size / budget["images_per_s"]
-    assert budget["epoch_start_seconds"] >= 0
-    assert budget["seconds_per_epoch"] == pytest.approx(4 * seconds_per_step + budget["epoch_start_seconds"])
-    assert budget["epochs"] == math.floor(60 / budget["seconds_per_epoch"])
+    assert budget["start_seconds"] >= 0
+    assert budget["seconds_per_epoch"] == pytest.approx(4 * seconds_per_step)
+    assert budget["epochs"] == math.floor((60 - budget["start_seconds"]) / budget["seconds_per_epoch"])
+
+
+def test_a_start_longer_than_the_budget_leaves_no_epoch(nb, tmp_path, monkeypatch):
+    cfg, run_loader = tiny_cfg(nb, tmp_path, epochs=10), nb.run_loader
+
+    def slow_run_loader(*args):
+        time.sleep(1.0)   # a second to start: more than the 0.6 s budget
+        return run_loader(*args)
+
+    monkeypatch.setattr(nb, "run_loader", slow_run_loader)
+    budget = nb.epochs_for_budget(cfg, Data(n=16), torch.device("cpu"), minutes=0.01, warmup_steps=2,
+                                  timed_steps=4, min_seconds=0)
+    assert budget["start_seconds"] > 0.5 and budget["epochs"] == 0
 
 
 def test_max_train_images_sets_the_epoch(nb, tmp_path):

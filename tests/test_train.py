@@ -124,6 +124,41 @@ def test_epoch_batches_shard_the_global_batch(nb):
     assert len(nb.epoch_batches(50, 8, 0, 1, limit=20)) == 2
 
 
+def test_run_batches_are_the_epochs_batches_one_after_another(nb):
+    """One loader serves a whole run: its item k is the batch of step first_step + k, epoch after epoch,
+    on every rank, from wherever a resumed run starts."""
+    for rank in range(2):
+        run = nb.RunBatches(50, 4, epochs=3, seed=1, first_step=5, rank=rank, world_size=2, limit=40)
+        steps = [b for e in range(3) for b in nb.epoch_batches(50, 4, e, 1, rank=rank, world_size=2, limit=40)]
+        assert len(steps) == 15 and len(run) == 10
+        assert all(np.array_equal(run[k], steps[5 + k]) for k in range(len(run)))
+        with pytest.raises(IndexError, match="step 15 is outside the run's 15 steps"):
+            run[len(run)]
+
+
+def test_reader_processes_start_once_a_run_and_change_nothing(nb, tmp_path, monkeypatch):
+    """With num_workers > 0 a run (and its resumption) builds one DataLoader, not one an epoch, and trains
+    exactly as the run without reader processes."""
+    data, built = Data(), []
+
+    class CountedLoader(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs["num_workers"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", CountedLoader)
+    plain, _ = nb.train_dino(tiny_cfg(nb, tmp_path, run_name="plain", epochs=3), data, data, torch.device("cpu"),
+                             progress=False)
+    assert built == []
+    cfg = tiny_cfg(nb, tmp_path, run_name="read", epochs=3, num_workers=2)
+    nb.train_dino(cfg, data, data, torch.device("cpu"), max_steps=6, progress=False)   # stops mid-epoch 2
+    read, history = nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
+    assert built == [2, 2] and read.step == plain.step == 12
+    assert [r["step"] for r in history if r["kind"] == "step"] == list(range(1, 13))
+    for (k, a), b in zip(plain.teacher.state_dict().items(), read.teacher.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 def test_resume_is_bit_exact(nb, tmp_path):
     data = Data()
     whole, _ = nb.train_dino(tiny_cfg(nb, tmp_path, run_name="whole"), data, data, torch.device("cpu"),

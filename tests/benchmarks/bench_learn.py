@@ -17,6 +17,7 @@ the run of --set epochs=<that number>.
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import platform
 import sys
@@ -166,12 +167,12 @@ def main():
                             classes=len(nb.SHAPE_CLASSES), seconds_to_make=round(made, 1)),
                   command=" ".join(sys.argv), raw_pixel_knn=raw, epochs=[dict(epoch=0, **first)])
     print(f"{a.name}: {machine(device)}; raw pixels {raw:.1f}%; init {result['epochs'][0]}", flush=True)
-    train_seconds, alarms = 0.0, []
+    train_seconds, alarms, loader = 0.0, [], None
     while trainer.epoch < cfg.epochs and train_seconds < 60 * a.minutes:
-        batches = nb.epoch_batches(len(train), cfg.batch_size, trainer.epoch, cfg.seed)
-        loader = nb.batch_loader(train.images, batches, cfg.num_workers, pin_memory=device.type == "cuda")
         rows, tick, images_seen = [], time.perf_counter(), 0
-        for images in loader:
+        if loader is None:   # one for the run, as train_dino's: its reader processes start once, timed here
+            loader = nb.run_loader(trainer, train.images)
+        for images in itertools.islice(loader, trainer.iters_per_epoch):
             log_now = trainer.step % cfg.log_every_steps == 0
             stats = nb.train_step(trainer, images, log_now)
             rows += [stats] if log_now else []
