@@ -1,7 +1,10 @@
 """Schedules, optimiser rules, EMA, checkpoints and exact resume of the training section."""
 import os
 import signal
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -296,6 +299,44 @@ def test_the_loader_starts_no_more_workers_than_there_are_cores(nb):
         assert loader._num_workers == cores
         got = [b.numpy() for b in loader]
     assert all(np.array_equal(g, data.images[b]) for g, b in zip(got, batches)) and len(got) == len(batches)
+
+
+def test_readers_are_forked_whatever_the_default_start_method(nb, tmp_path):
+    """macOS and Python 3.14 start processes by spawn or forkserver by default: such a reader cannot import
+    the notebook's classes and dies. The loader forks its readers, so they read the same batches."""
+    script = tmp_path / "spawned.py"
+    script.write_text(f"""
+import multiprocessing, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import numpy as np
+from nbloader import load_notebook
+from test_train import Data
+if __name__ == "__main__":   # (what a spawned process runs again on import)
+    for method in ("spawn", "forkserver"):
+        multiprocessing.set_start_method(method, force=True)
+        nb, data = load_notebook(), Data(n=32)
+        batches = nb.epoch_batches(len(data), 4, epoch=0, seed=0)
+        got = [b.numpy() for b in nb.batch_loader(data.images, batches, num_workers=2)]
+        assert len(got) == len(batches) and all(np.array_equal(g, data.images[b]) for g, b in zip(got, batches))
+        print(method, "read", len(got), "batches")
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["spawn read 8 batches", "forkserver read 8 batches"]
+
+
+def test_without_fork_or_an_affinity_mask_the_data_is_still_read(nb, monkeypatch):
+    """Where fork is missing the batches are read in the training process; where the system has no
+    affinity mask (macOS), every core counts."""
+    data = Data(n=32)
+    batches = nb.epoch_batches(len(data), 4, epoch=0, seed=0)
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert nb.usable_cores() == os.cpu_count()
+    monkeypatch.setattr(nb.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    loader = nb.batch_loader(data.images, batches, num_workers=2)
+    assert not isinstance(loader, torch.utils.data.dataloader._BaseDataLoaderIter)
+    got = [b.numpy() for b in loader]
+    assert len(got) == len(batches) and all(np.array_equal(g, data.images[b]) for g, b in zip(got, batches))
 
 
 def test_a_checkpoint_from_another_device_steps_here(nb, tmp_path):
