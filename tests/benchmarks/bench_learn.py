@@ -113,8 +113,8 @@ def fit_epochs(nb, cfg, train, device, minutes, eval_seconds):
     """epochs_for_budget's answer, said; an error if not one epoch fits."""
     fitted = nb.epochs_for_budget(cfg, train, device, minutes, eval_seconds=eval_seconds)
     print(f"fit: {fitted['images_per_s']:.0f} images/s over {fitted['timed_steps']} steps, an epoch with its "
-          f"evaluation ({eval_seconds:.1f} s) {fitted['seconds_per_epoch']:.1f} s: {fitted['epochs']} epochs "
-          f"in {minutes:g} minutes", flush=True)
+          f"evaluation ({eval_seconds:.1f} s) {fitted['seconds_per_epoch']:.1f} s, {fitted['start_seconds']:.1f} s "
+          f"to start: {fitted['epochs']} epochs in {minutes:g} minutes", flush=True)
     if fitted["epochs"] < 1:
         sys.exit(f"--fit-epochs: not one epoch fits {minutes:g} minutes (one takes {fitted['seconds_per_epoch']:.0f} s)")
     return fitted
