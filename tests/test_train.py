@@ -29,6 +29,12 @@ class Data:
         return len(self.labels)
 
 
+def reads_the_batches(loader, images, batches):
+    """The loader serves each batch's images, in order, and nothing more."""
+    got = [b.numpy() for b in loader]
+    return len(got) == len(batches) and all(np.array_equal(g, images[b]) for g, b in zip(got, batches))
+
+
 def weights(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -297,8 +303,7 @@ def test_the_loader_starts_no_more_workers_than_there_are_cores(nb):
         warnings.simplefilter("error")   # torch warns when asked for more workers than cores
         loader = nb.batch_loader(data.images, batches, num_workers=cores + 6)   # paper224 asks for 8
         assert loader._num_workers == cores
-        got = [b.numpy() for b in loader]
-    assert all(np.array_equal(g, data.images[b]) for g, b in zip(got, batches)) and len(got) == len(batches)
+        assert reads_the_batches(loader, data.images, batches)
 
 
 def test_readers_are_forked_whatever_the_default_start_method(nb, tmp_path):
@@ -308,17 +313,15 @@ def test_readers_are_forked_whatever_the_default_start_method(nb, tmp_path):
     script.write_text(f"""
 import multiprocessing, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-import numpy as np
 from nbloader import load_notebook
-from test_train import Data
+from test_train import Data, reads_the_batches
 if __name__ == "__main__":   # (what a spawned process runs again on import)
     for method in ("spawn", "forkserver"):
         multiprocessing.set_start_method(method, force=True)
         nb, data = load_notebook(), Data(n=32)
         batches = nb.epoch_batches(len(data), 4, epoch=0, seed=0)
-        got = [b.numpy() for b in nb.batch_loader(data.images, batches, num_workers=2)]
-        assert len(got) == len(batches) and all(np.array_equal(g, data.images[b]) for g, b in zip(got, batches))
-        print(method, "read", len(got), "batches")
+        assert reads_the_batches(nb.batch_loader(data.images, batches, num_workers=2), data.images, batches)
+        print(method, "read", len(batches), "batches")
 """)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -335,8 +338,7 @@ def test_without_fork_or_an_affinity_mask_the_data_is_still_read(nb, monkeypatch
     monkeypatch.setattr(nb.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
     loader = nb.batch_loader(data.images, batches, num_workers=2)
     assert not isinstance(loader, torch.utils.data.dataloader._BaseDataLoaderIter)
-    got = [b.numpy() for b in loader]
-    assert len(got) == len(batches) and all(np.array_equal(g, data.images[b]) for g, b in zip(got, batches))
+    assert reads_the_batches(loader, data.images, batches)
 
 
 def test_a_checkpoint_from_another_device_steps_here(nb, tmp_path):

@@ -18,12 +18,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
+from bench_learn import machine, shapes_config  # noqa: E402
+from nbloader import load_notebook  # noqa: E402
 
 
 def one_run(a):
     """One run of the notebook that DINO_NOTEBOOK names (the default: this one), printed as one line."""
-    from bench_learn import machine, shapes_config
-    from nbloader import load_notebook
     nb = load_notebook()
     train = nb.ShapesDataset(a.images, a.img_size, seed=1)
     val = nb.ShapesDataset(a.images // 4, a.img_size, seed=2)
