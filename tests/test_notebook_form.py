@@ -1,0 +1,94 @@
+"""The notebook's form, as the project's rules and its own prose say it is: `#| export` cells only import
+and define, code cells are short, section links resolve, and the distances its closing note gives are
+the notebook's. Read from the committed file's JSON; nothing is executed."""
+import ast
+import json
+import re
+import statistics
+from pathlib import Path
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "dino_vit.ipynb"
+CELLS = json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"]
+DEFINITIONS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)
+
+
+def source(cell):
+    return "".join(cell["source"])
+
+
+def cell(cell_id):
+    return next(c for c in CELLS if c.get("id") == cell_id)
+
+
+def code_cells():
+    return [c for c in CELLS if c["cell_type"] == "code"]
+
+
+def test_export_cells_only_import_and_define():
+    exported = [c for c in code_cells() if source(c).startswith("#| export")]
+    assert len(exported) > 50   # the tests, benchmarks and torchrun load these
+    work = [(c["id"], type(node).__name__, node.lineno) for c in exported
+            for node in ast.parse(source(c)).body if not isinstance(node, DEFINITIONS)]
+    assert work == [], f"statements that do work in #| export cells (cell, kind, line): {work}"
+    assert all(source(c).splitlines()[0] == "#| export" for c in exported)
+
+
+def test_code_cells_are_short():
+    lengths = {c["id"]: len(source(c).splitlines()) for c in code_cells()}
+    too_long = {cell_id: n for cell_id, n in lengths.items() if n > 60}
+    assert too_long == {}, f"code cells of more than 60 lines: {too_long}"
+    assert statistics.median(lengths.values()) <= 25
+
+
+def anchor(heading):
+    """Jupyter's anchor of a markdown heading: its text with spaces as hyphens."""
+    return heading.strip().replace(" ", "-")
+
+
+def test_section_links_resolve():
+    markdown = [source(c) for c in CELLS if c["cell_type"] == "markdown"]
+    anchors = {anchor(m) for text in markdown for m in re.findall(r"^#+ (.+)$", text, re.M)}
+    links = {link for text in markdown for link in re.findall(r"\]\(#([^)]+)\)", text)}
+    assert len(links) >= 5
+    assert links - anchors == set(), f"links to no heading: {sorted(links - anchors)}"
+
+
+def distances(stop_ids):
+    """{cell id: (words, code lines) before it for a reader who skips every *Under the hood* subsection and
+    folded code cell, (the same) for one who reads everything}: words are runs of letters and digits in
+    markdown cells."""
+    skipping_below, seen, counts = None, {}, dict(words=0, lines=0, all_words=0, all_lines=0)
+    for c in CELLS:
+        text = source(c)
+        heading = re.match(r"(#+) (.*)", text) if c["cell_type"] == "markdown" else None
+        if heading:
+            level = len(heading.group(1))
+            if skipping_below is not None and level <= skipping_below:
+                skipping_below = None
+            if skipping_below is None and "Under the hood" in heading.group(2):
+                skipping_below = level
+        if c.get("id") in stop_ids:
+            seen[c["id"]] = ((counts["words"], counts["lines"]), (counts["all_words"], counts["all_lines"]))
+        folded = c["metadata"].get("jupyter", {}).get("source_hidden", False)
+        kind, n = ("words", len(re.findall(r"\w+", text))) if c["cell_type"] == "markdown" else \
+            ("lines", len(text.splitlines()))
+        counts["all_" + kind] += n
+        if skipping_below is None and not folded:
+            counts[kind] += n
+    return seen
+
+
+def figures(text):
+    return [int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*\d|\d", text)]
+
+
+def test_the_distances_the_closing_note_gives_are_the_notebooks():
+    loss_id = next(c["id"] for c in code_cells() if "class DINOLoss" in source(c))
+    train_id = next(c["id"] for c in code_cells() if re.search(r"^trainer, history = train_dino", source(c), re.M))
+    counted = distances({loss_id, train_id})
+    note = source(cell("i25-distances"))
+    said = figures(note[note.index("comes after"):note.index("Before the engineering")])
+    expected = [n for cell_id in (loss_id, train_id) for pair in counted[cell_id] for n in pair]
+    assert len(said) == len(expected) == 8
+    for s, e in zip(said, expected):   # the note rounds (to hundreds of words, tens of lines)
+        assert abs(s - e) <= 0.05 * e, f"the note says {s}, the notebook counts {e}: {said} against {expected}"
