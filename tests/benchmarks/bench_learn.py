@@ -114,7 +114,7 @@ def fit_epochs(nb, cfg, train, device, minutes, eval_seconds):
     fitted = nb.epochs_for_budget(cfg, train, device, minutes, eval_seconds=eval_seconds)
     print(f"fit: {fitted['images_per_s']:.0f} images/s over {fitted['timed_steps']} steps, an epoch with its "
           f"evaluation ({eval_seconds:.1f} s) {fitted['seconds_per_epoch']:.1f} s, {fitted['start_seconds']:.1f} s "
-          f"to start: {fitted['epochs']} epochs in {minutes:g} minutes", flush=True)
+          f"to start, {fitted['spare']:.0%} kept spare: {fitted['epochs']} epochs in {minutes:g} minutes", flush=True)
     if fitted["epochs"] < 1:
         sys.exit(f"--fit-epochs: not one epoch fits {minutes:g} minutes (one takes {fitted['seconds_per_epoch']:.0f} s)")
     return fitted
