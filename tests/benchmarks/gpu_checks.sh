@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of one lent GPU session, in one call that ends within $DEADLINE seconds (default 570, under
 # the device tool's 600 s a command), the most wanted first:
-#   1. a smoke test of the CUDA-graph step (ViT-T, 5 steps);
+#   1. a smoke test of the CUDA-graph step (ViT-T, 5 steps), then the graph step against the eager one
+#      (check_graphs.py: losses of 12 steps, networks after);
 #   2. the learning run of issue 23: the `short` profile, ViT-S/8 at 64 px, 50,000 generated images, its
 #      epochs sized by bench_learn.py --fit-epochs to 5 minutes, evaluations included (about 6 minutes in
 #      all with the data, the raw-pixel line, the timing steps and the init evaluation; the issue asks <= 10);
@@ -30,6 +31,7 @@ run 90 "$OUT/smoke.txt" python3 tests/benchmarks/bench_train.py --device cuda --
     --variants graphs --no-profile
 grep -q "graphs .*images/s" "$OUT/smoke.txt" && graphs=true
 echo "CUDA graphs work: $graphs"
+[ "$graphs" = true ] && run 60 "$OUT/check_graphs.txt" python3 tests/benchmarks/check_graphs.py --device cuda --steps 12
 # one learning run at a time: four side by side on one GPU finished no epoch in 280 s (2026-12-04); compile
 # off: its first step would cost the timing trainer of --fit-epochs and then the run a minute or more each
 run 420 "$OUT/learn.txt" python3 tests/benchmarks/bench_learn.py --name gpu-short --profile short --images 50000 \

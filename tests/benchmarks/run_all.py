@@ -25,7 +25,7 @@ def main():
         import torch
         if torch.cuda.is_available():
             runs += [["bench_knn.py", "--device", "cuda"], ["bench_head_loss.py", "--device", "cuda", "--batch", "256"],
-                     ["bench_train.py", "--device", "cuda"]]
+                     ["bench_train.py", "--device", "cuda"], ["check_graphs.py", "--device", "cuda"]]
     except ImportError:
         pass
     failed = []
