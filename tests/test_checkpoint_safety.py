@@ -242,3 +242,18 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_says_why(tmp_path):
     assert f"could not write {tmp_path / 'last.pth'}: File too large" in done.stdout
     assert torch.load(tmp_path / "last.pth", weights_only=True)["step"] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
+
+
+def test_largest_difference_walks_nested_states_in_order(nb):
+    """The kill check and check_graphs.py compare two trainer_state()s with it: every tensor, however deep,
+    is compared with its twin; other values are not numbers to compare; states that differ in structure
+    or shapes are refused."""
+    a = {"x": torch.zeros(3), "y": [torch.ones(2, 2), "name", (torch.tensor(1.0), torch.zeros(0))]}
+    b = {"x": torch.tensor([0.0, 0.0, 0.5]), "y": [torch.ones(2, 2), "other", (torch.tensor(-1.0), torch.zeros(0))]}
+    assert nb.largest_difference(a, a) == 0.0
+    assert nb.largest_difference(a, b) == 2.0
+    assert nb.tensor_bytes(a) == (3 + 4 + 1) * 4
+    with pytest.raises(ValueError, match="different shapes"):
+        nb.largest_difference(a, {**b, "x": torch.zeros(1)})
+    with pytest.raises(ValueError):
+        nb.largest_difference(a, {"x": torch.zeros(3)})

@@ -1,9 +1,9 @@
 """Does the CUDA-graph step compute what the eager step computes? Two trainers of the same settings and
-seed, one with cuda_graphs and one without, take the same batches; their losses step by step and their
-networks and loss centres after the last step are compared. The steps cross epochs (4 steps each), so
-the graph is recorded again when the last layer unfreezes and each time the teacher temperature moves.
-Drop path is off: a graph draws its random numbers differently. On a CPU there are no graphs and both
-trainers run eagerly: the differences must be 0, which checks the check.
+seed, one with cuda_graphs and one without, take the same batches; their losses step by step, and all
+that a checkpoint holds after the last step (networks, centres, AdamW, generators), are compared. The
+steps cross epochs (4 steps each), so the graph is recorded again when the last layer unfreezes and each
+time the teacher temperature moves. Drop path is off: a graph draws its random numbers differently. On a
+CPU there are no graphs and both trainers run eagerly: the differences must be 0, which checks the check.
 
     python tests/benchmarks/check_graphs.py [--device cuda] [--steps 12] [--arch vit_tiny] [--batch 64]
 """
@@ -30,12 +30,6 @@ def run(nb, cfg, device, batches):
     return trainer, losses
 
 
-def largest_difference(a, b):
-    """The largest |difference| over the students, teachers and loss centres of two trainers."""
-    state = lambda t: [*t.student.state_dict().values(), *t.teacher.state_dict().values(), t.loss.center]
-    return max((x.float() - y.float()).abs().max().item() for x, y in zip(state(a), state(b)))
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -44,10 +38,10 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     a = p.parse_args()
     nb, device = load_notebook(), torch.device(a.device)
-    epochs = -(-a.steps // STEPS_PER_EPOCH)
+    epochs = max(-(-a.steps // STEPS_PER_EPOCH), 2)
     # no drop path: a graph's random draws come from its own offsets, so they would differ from eager ones
-    cfg = nb.make_config("demo", arch=a.arch, batch_size=a.batch, epochs=max(epochs, 2), warmup_epochs=1,
-                         warmup_teacher_temp=0.02, teacher_temp=0.04, warmup_teacher_temp_epochs=max(epochs, 2),
+    cfg = nb.make_config("demo", arch=a.arch, batch_size=a.batch, epochs=epochs, warmup_epochs=1,
+                         warmup_teacher_temp=0.02, teacher_temp=0.04, warmup_teacher_temp_epochs=epochs,
                          drop_path_rate=0.0, compile=False, checkpoint_dir="/tmp/check_graphs")
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 256, (a.batch, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8,
@@ -57,13 +51,13 @@ def main():
     recorded = graphs.captured is not None and graphs.captured.graph is not None
     loss_gap = max(abs(x - y) for x, y in zip(eager_losses, graph_losses))
     print(f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'no CUDA graphs'}), "
-          f"{a.arch}, batch {a.batch}, {a.steps} steps over {epochs} epochs, amp {nb.amp_dtype(device, cfg.amp)}; "
+          f"{a.arch}, batch {a.batch}, {a.steps} steps in a schedule of {epochs} epochs, amp {nb.amp_dtype(device, cfg.amp)}; "
           f"CUDA graph recorded: {recorded}")
     print(f"losses, eager: {' '.join(f'{x:.5f}' for x in eager_losses)}")
     print(f"losses, graph: {' '.join(f'{x:.5f}' for x in graph_losses)}")
-    network_gap = largest_difference(eager, graphs)
+    network_gap = nb.largest_difference(nb.trainer_state(eager), nb.trainer_state(graphs))
     print(f"largest |loss difference| over the steps {loss_gap:.1e}; after the last step, largest |difference| "
-          f"of the students, teachers and centres {network_gap:.1e}: "
+          f"of what a checkpoint holds (networks, centres, AdamW, generators) {network_gap:.1e}: "
           f"{'the same to the bit' if loss_gap == network_gap == 0 else 'they differ'}")
 
 
