@@ -29,9 +29,23 @@ def test_export_cells_only_import_and_define():
     assert len(exported) > 50   # the tests, benchmarks and torchrun load these
     work = [(c["id"], type(node).__name__, node.lineno) for c in exported
             for node in ast.parse(source(c)).body if not isinstance(node, DEFINITIONS)]
-    assert work == [], f"statements that do work in #| export cells (cell, kind, line): {work}"   # (assigned
-    # constants are allowed)
+    assert work == [], f"statements that do work in #| export cells (cell, kind, line): {work}"
     assert all(source(c).splitlines()[0] == "#| export" for c in exported)
+
+
+# what a constant's value may call in an #| export cell: builders of containers, patterns and names, each
+# cheap; anything else (a tensor, a file, a model) would be work done on every load of the cells
+CONSTANT_CALLS = {"dict", "tuple", "set", "frozenset", "range", "getattr", "re.compile",
+                  "Image.registered_extensions", "Image.registered_extensions().items", "_decodes"}
+
+
+def test_export_constants_call_only_cheap_builders():
+    exported = [c for c in code_cells() if source(c).lstrip().startswith("#| export")]
+    calls = {(c["id"], ast.unparse(call.func)) for c in exported for node in ast.parse(source(c)).body
+             if isinstance(node, (ast.Assign, ast.AnnAssign)) for call in ast.walk(node) if isinstance(call, ast.Call)}
+    assert {name for _, name in calls} >= {"dict", "re.compile"}   # the walk sees calls where there are some
+    unexpected = sorted((cell_id, name) for cell_id, name in calls if name not in CONSTANT_CALLS)
+    assert unexpected == [], f"calls in the constants of #| export cells (cell, call): {unexpected}"
 
 
 def test_code_cells_are_short():

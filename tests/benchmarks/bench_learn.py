@@ -4,7 +4,8 @@ Trains a profile of the notebook on its generated shapes (ShapesDataset: ten cla
 size, rotation, colours and background; raw pixels near chance) for a budget, and writes the curve:
 weighted k-NN top-1 of the teacher per epoch (epoch 0 = random init) against the raw-pixel line, the
 loss, the teacher's entropy, KL(teacher || student), images/s, and the Jaccard similarity between the
-teacher's attention mask (the notebook's mass fraction, mean of the heads) and the objects' masks.
+teacher's attention mask (the notebook's mass fraction, mean of the heads) and the objects' masks; the
+k-NN and Jaccard figures with their standard errors, and the Jaccard gain over init paired by image.
 Output: tests/benchmarks/results/learn-<name>.json, with the machine named.
 
     python tests/benchmarks/bench_learn.py --name cpu-short --profile short --images 10000 --img-size 32 ...
@@ -75,15 +76,20 @@ def attention_masks(nb, backbone, images, cfg, chunk=250):
     return nb.attention_mass_mask(maps.mean(dim=1), cfg.attn_threshold)
 
 
-def attention_jaccard(nb, backbone, val, cfg, n=500):
-    """Mean Jaccard similarity between the teacher's attention mask and each object's mask, at the
-    patch grid."""
+def image_jaccards(nb, backbone, val, cfg, n=500):
+    """(n,): the Jaccard similarity between the teacher's attention mask and the object's mask of each of
+    the first n validation images, at the patch grid."""
     patch, masks = cfg.patch_size, torch.from_numpy(val.masks[:n])
     kept = attention_masks(nb, backbone, val.images[:n], cfg)
     pixels = kept.repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2)
     objects = masks[:, :pixels.shape[1], :pixels.shape[2]]
     union = (pixels | objects).flatten(1).sum(1).clamp(min=1)
-    return ((pixels & objects).flatten(1).sum(1) / union).mean().item()
+    return (pixels & objects).flatten(1).sum(1) / union
+
+
+def mean_and_error(values):
+    """(mean, standard error of the mean) of a 1-d tensor."""
+    return values.mean().item(), (values.std() / len(values) ** 0.5).item()
 
 
 def attention_figure(nb, backbones, val, cfg, path, n=6):
@@ -121,10 +127,13 @@ def fit_epochs(nb, cfg, train, device, minutes, eval_seconds):
 
 
 def evaluate(nb, trainer, train, val, device, bank):
+    """k-NN top-1 with its binomial standard error, and the mean attention Jaccard with its standard error."""
     backbone, cfg = trainer.teacher.backbone, trainer.cfg
     features = lambda images: nb.extract_features(backbone, images, batch_size=500, device=device)
-    return dict(knn_top1=knn_top1(nb, features, train, val, cfg, device, bank),
-                attention_jaccard=attention_jaccard(nb, backbone, val, cfg))
+    top1 = knn_top1(nb, features, train, val, cfg, device, bank)
+    jaccard, jaccard_se = mean_and_error(image_jaccards(nb, backbone, val, cfg))
+    return dict(knn_top1=top1, knn_top1_se=(top1 * (100 - top1) / len(val)) ** 0.5,
+                attention_jaccard=jaccard, attention_jaccard_se=jaccard_se)
 
 
 def main():
@@ -192,8 +201,13 @@ def main():
         alarms += [dict(epoch=epoch["epoch"], message=alarm)] if alarm else []
         print(f"  epoch {epoch['epoch']:g}: " + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in epoch.items()
                                                            if k != "epoch") + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+    # the same images at init and after: the gain's error from the paired differences, smaller than either's
+    gain, gain_se = mean_and_error(image_jaccards(nb, trainer.teacher.backbone, val, cfg)
+                                   - image_jaccards(nb, initial, val, cfg))
     result.update(minutes=(time.perf_counter() - start) / 60, train_minutes=train_seconds / 60,
-                  max_entropy=float(np.log(cfg.out_dim)), alarms=alarms)
+                  max_entropy=float(np.log(cfg.out_dim)), alarms=alarms,
+                  attention_jaccard_gain=dict(mean=gain, se=gain_se))
+    print(f"attention Jaccard gain over init, paired over the same images: {gain:+.3f} +- {gain_se:.3f}")
     out = Path(a.out) / f"learn-{a.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
