@@ -24,8 +24,12 @@ def code_cells():
     return [c for c in CELLS if c["cell_type"] == "code"]
 
 
+def export_cells():
+    return [c for c in code_cells() if source(c).lstrip().startswith("#| export")]   # as nbloader selects
+
+
 def test_export_cells_only_import_and_define():
-    exported = [c for c in code_cells() if source(c).lstrip().startswith("#| export")]   # as nbloader selects
+    exported = export_cells()
     assert len(exported) > 50   # the tests, benchmarks and torchrun load these
     work = [(c["id"], type(node).__name__, node.lineno) for c in exported
             for node in ast.parse(source(c)).body if not isinstance(node, DEFINITIONS)]
@@ -40,8 +44,7 @@ CONSTANT_CALLS = {"dict", "tuple", "set", "frozenset", "range", "getattr", "re.c
 
 
 def test_export_constants_call_only_cheap_builders():
-    exported = [c for c in code_cells() if source(c).lstrip().startswith("#| export")]
-    calls = {(c["id"], ast.unparse(call.func)) for c in exported for node in ast.parse(source(c)).body
+    calls = {(c["id"], ast.unparse(call.func)) for c in export_cells() for node in ast.parse(source(c)).body
              if isinstance(node, (ast.Assign, ast.AnnAssign)) for call in ast.walk(node) if isinstance(call, ast.Call)}
     assert {name for _, name in calls} >= {"dict", "re.compile"}   # the walk sees calls where there are some
     unexpected = sorted((cell_id, name) for cell_id, name in calls if name not in CONSTANT_CALLS)

@@ -127,13 +127,15 @@ def fit_epochs(nb, cfg, train, device, minutes, eval_seconds):
 
 
 def evaluate(nb, trainer, train, val, device, bank):
-    """k-NN top-1 with its binomial standard error, and the mean attention Jaccard with its standard error."""
+    """(k-NN top-1 with its binomial standard error and the mean attention Jaccard with its standard error,
+    the Jaccard of each image)."""
     backbone, cfg = trainer.teacher.backbone, trainer.cfg
     features = lambda images: nb.extract_features(backbone, images, batch_size=500, device=device)
     top1 = knn_top1(nb, features, train, val, cfg, device, bank)
-    jaccard, jaccard_se = mean_and_error(image_jaccards(nb, backbone, val, cfg))
+    jaccards = image_jaccards(nb, backbone, val, cfg)
+    jaccard, jaccard_se = mean_and_error(jaccards)
     return dict(knn_top1=top1, knn_top1_se=(top1 * (100 - top1) / len(val)) ** 0.5,
-                attention_jaccard=jaccard, attention_jaccard_se=jaccard_se)
+                attention_jaccard=jaccard, attention_jaccard_se=jaccard_se), jaccards
 
 
 def main():
@@ -164,7 +166,7 @@ def main():
     initial = copy.deepcopy(trainer.teacher.backbone)
     raw = knn_top1(nb, raw_pixels(nb, device), train, val, cfg, device, a.bank)
     tick = time.perf_counter()
-    first = evaluate(nb, trainer, train, val, device, a.bank)
+    first, first_jaccards = evaluate(nb, trainer, train, val, device, a.bank)
     fitted = fit_epochs(nb, cfg, train, device, a.minutes, eval_seconds=time.perf_counter() - tick) if a.fit_epochs else None
     if fitted:
         cfg = dataclasses.replace(cfg, epochs=fitted["epochs"])
@@ -176,7 +178,7 @@ def main():
                             classes=len(nb.SHAPE_CLASSES), seconds_to_make=round(made, 1)),
                   command=" ".join(sys.argv), raw_pixel_knn=raw, epochs=[dict(epoch=0, **first)])
     print(f"{a.name}: {machine(device)}; raw pixels {raw:.1f}%; init {result['epochs'][0]}", flush=True)
-    train_seconds, alarms, loader = 0.0, [], None
+    train_seconds, alarms, loader, last_jaccards = 0.0, [], None, first_jaccards
     while trainer.epoch < cfg.epochs and train_seconds < 60 * a.minutes:
         rows, tick, images_seen = [], time.perf_counter(), 0
         if loader is None:   # one for the run, as train_dino's: its reader processes start once, timed here
@@ -195,15 +197,15 @@ def main():
         alarm = nb.stall_alarm(rows, cfg, last_epoch) if hasattr(nb, "stall_alarm") else None
         # null, not NaN, when the budget cut an epoch before its first logged step
         mean = lambda key: float(np.mean([r[key] for r in rows])) if rows else None
-        epoch = dict(epoch=round(trainer.step / trainer.iters_per_epoch, 3), **evaluate(nb, trainer, train, val, device, a.bank),
+        scores, last_jaccards = evaluate(nb, trainer, train, val, device, a.bank)
+        epoch = dict(epoch=round(trainer.step / trainer.iters_per_epoch, 3), **scores,
                      loss=mean("loss"), entropy=mean("entropy"), kl=mean("kl"), images_per_s=images_seen / seconds)
         result["epochs"].append(epoch)
         alarms += [dict(epoch=epoch["epoch"], message=alarm)] if alarm else []
         print(f"  epoch {epoch['epoch']:g}: " + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in epoch.items()
                                                            if k != "epoch") + f" ({time.perf_counter() - start:.0f} s)", flush=True)
     # the same images at init and after: the gain's error from the paired differences, smaller than either's
-    gain, gain_se = mean_and_error(image_jaccards(nb, trainer.teacher.backbone, val, cfg)
-                                   - image_jaccards(nb, initial, val, cfg))
+    gain, gain_se = mean_and_error(last_jaccards - first_jaccards)
     result.update(minutes=(time.perf_counter() - start) / 60, train_minutes=train_seconds / 60,
                   max_entropy=float(np.log(cfg.out_dim)), alarms=alarms,
                   attention_jaccard_gain=dict(mean=gain, se=gain_se))
