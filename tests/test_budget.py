@@ -9,6 +9,12 @@ import torch
 from test_train import Data, tiny_cfg
 
 
+def usable(budget, seconds):
+    """What a budget of `seconds` (its spare already kept) leaves for epochs: the sizing took its time, and
+    the run's start will take its own once more."""
+    return seconds - budget["sizing_seconds"] - budget["start_seconds"]
+
+
 def test_the_epochs_follow_from_the_timed_steps(nb, tmp_path):
     cfg, data = tiny_cfg(nb, tmp_path, epochs=3), Data(n=16)   # 4 steps of 4 images an epoch
     budget = nb.epochs_for_budget(cfg, data, torch.device("cpu"), minutes=0.5, warmup_steps=1, timed_steps=4,
@@ -16,10 +22,10 @@ def test_the_epochs_follow_from_the_timed_steps(nb, tmp_path):
     seconds_per_step = cfg.batch_size / budget["images_per_s"]
     assert budget["timed_steps"] == 4 and budget["images_per_epoch"] == 16
     assert budget["seconds_per_epoch"] == pytest.approx(4 * seconds_per_step)
-    assert budget["epochs"] == math.floor((30 - budget["start_seconds"]) / budget["seconds_per_epoch"]) > 0
+    assert budget["epochs"] == math.floor(usable(budget, 30) / budget["seconds_per_epoch"]) > 0
     with_eval = nb.epochs_for_budget(cfg, data, torch.device("cpu"), minutes=0.5, eval_seconds=10.0,
                                      warmup_steps=1, timed_steps=4, min_seconds=0, spare=0)
-    assert with_eval["epochs"] == math.floor((30 - with_eval["start_seconds"]) / with_eval["seconds_per_epoch"]) <= 2
+    assert with_eval["epochs"] == math.floor(usable(with_eval, 30) / with_eval["seconds_per_epoch"]) <= 2
     assert nb.epochs_for_budget(cfg, data, torch.device("cpu"), minutes=0.01, eval_seconds=1.0,
                                 warmup_steps=1, timed_steps=1, min_seconds=0)["epochs"] == 0   # not one fits
 
@@ -41,7 +47,7 @@ def test_the_start_of_the_run_is_taken_from_the_budget_once(nb, tmp_path):
     seconds_per_step = cfg.batch_size / budget["images_per_s"]
     assert budget["start_seconds"] >= 0
     assert budget["seconds_per_epoch"] == pytest.approx(4 * seconds_per_step)
-    assert budget["epochs"] == math.floor((60 - budget["start_seconds"]) / budget["seconds_per_epoch"])
+    assert budget["epochs"] == math.floor(usable(budget, 60) / budget["seconds_per_epoch"])
 
 
 def test_a_spare_fraction_of_the_budget_is_kept(nb, tmp_path):
@@ -50,8 +56,7 @@ def test_a_spare_fraction_of_the_budget_is_kept(nb, tmp_path):
     for spare, kept in [(None, 0.05), (0.5, 0.5)]:
         budget = nb.epochs_for_budget(cfg, Data(n=16), torch.device("cpu"), minutes=0.5, warmup_steps=1,
                                       timed_steps=4, min_seconds=0, **({} if spare is None else dict(spare=spare)))
-        usable = 30 * (1 - kept) - budget["start_seconds"]
-        assert budget["epochs"] == math.floor(usable / budget["seconds_per_epoch"]) > 0
+        assert budget["epochs"] == math.floor(usable(budget, 30 * (1 - kept)) / budget["seconds_per_epoch"]) > 0
 
 
 def test_a_start_longer_than_the_budget_leaves_no_epoch(nb, tmp_path, monkeypatch):
@@ -65,6 +70,23 @@ def test_a_start_longer_than_the_budget_leaves_no_epoch(nb, tmp_path, monkeypatc
     budget = nb.epochs_for_budget(cfg, Data(n=16), torch.device("cpu"), minutes=0.01, warmup_steps=2,
                                   timed_steps=4, min_seconds=0)
     assert budget["start_seconds"] > 0.5 and budget["epochs"] == 0
+
+
+def test_the_sizing_takes_its_own_time_from_the_budget(nb, tmp_path, monkeypatch):
+    """Building the throwaway trainer, timing and cleaning up are spent from the budget the user gave: a
+    second spent before the first step comes off a 3 s budget, and fewer epochs fit than without it."""
+    cfg, trainer_class = tiny_cfg(nb, tmp_path, epochs=100), nb.DINOTrainer
+
+    def slow_trainer(*args):
+        time.sleep(1.0)
+        return trainer_class(*args)
+
+    monkeypatch.setattr(nb, "DINOTrainer", slow_trainer)
+    budget = nb.epochs_for_budget(cfg, Data(n=16), torch.device("cpu"), minutes=0.05, warmup_steps=1,
+                                  timed_steps=4, min_seconds=0, spare=0)
+    assert budget["sizing_seconds"] >= 1.0
+    assert budget["epochs"] == max(0, math.floor(usable(budget, 3) / budget["seconds_per_epoch"]))
+    assert budget["epochs"] < math.floor((3 - budget["start_seconds"]) / budget["seconds_per_epoch"])
 
 
 def test_max_train_images_sets_the_epoch(nb, tmp_path):

@@ -255,5 +255,5 @@ def test_largest_difference_walks_nested_states_in_order(nb):
     assert nb.tensor_bytes(a) == (3 + 4 + 1) * 4
     with pytest.raises(ValueError, match="different shapes"):
         nb.largest_difference(a, {**b, "x": torch.zeros(1)})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="hold 4 and 1 tensors"):
         nb.largest_difference(a, {"x": torch.zeros(3)})

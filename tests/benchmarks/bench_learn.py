@@ -11,9 +11,10 @@ Output: tests/benchmarks/results/learn-<name>.json, with the machine named.
     python tests/benchmarks/bench_learn.py --name cpu-short --profile short --images 10000 --img-size 32 ...
     python tests/benchmarks/bench_learn.py --name gpu-short --profile short --images 50000 --device cuda
 
-With --fit-epochs the schedule is sized to the budget: epochs = the whole epochs that fit --minutes, each
-with its evaluation, from steps timed on this machine (the notebook's epochs_for_budget); the run is then
-the run of --set epochs=<that number>.
+With --fit-epochs the schedule is sized to the budget: epochs = the whole epochs that fit what is left of
+--minutes after the data, the raw-pixel line and the evaluation at init (and after the sizing itself),
+each epoch with its evaluation, from steps timed on this machine (the notebook's epochs_for_budget); the
+run is then the run of --set epochs=<that number>, and its minutes in all stay within --minutes.
 """
 import argparse
 import copy
@@ -116,13 +117,17 @@ def attention_figure(nb, backbones, val, cfg, path, n=6):
 
 
 def fit_epochs(nb, cfg, train, device, minutes, eval_seconds):
-    """epochs_for_budget's answer, said; an error if not one epoch fits."""
+    """epochs_for_budget's answer for the `minutes` left, said; an error if not one epoch fits."""
+    if minutes <= 0:
+        sys.exit("--fit-epochs: the data, the raw-pixel line and the evaluation at init took the whole budget")
     fitted = nb.epochs_for_budget(cfg, train, device, minutes, eval_seconds=eval_seconds)
-    print(f"fit: {fitted['images_per_s']:.0f} images/s over {fitted['timed_steps']} steps, an epoch with its "
-          f"evaluation ({eval_seconds:.1f} s) {fitted['seconds_per_epoch']:.1f} s, {fitted['start_seconds']:.1f} s "
-          f"to start, {fitted['spare']:.0%} kept spare: {fitted['epochs']} epochs in {minutes:g} minutes", flush=True)
+    print(f"fit: {fitted['images_per_s']:.0f} images/s over {fitted['timed_steps']} steps "
+          f"({fitted['sizing_seconds']:.1f} s in all), an epoch with its evaluation ({eval_seconds:.1f} s) "
+          f"{fitted['seconds_per_epoch']:.1f} s, {fitted['start_seconds']:.1f} s to start, {fitted['spare']:.0%} "
+          f"kept spare: {fitted['epochs']} epochs in the {minutes:.2f} minutes left", flush=True)
     if fitted["epochs"] < 1:
-        sys.exit(f"--fit-epochs: not one epoch fits {minutes:g} minutes (one takes {fitted['seconds_per_epoch']:.0f} s)")
+        sys.exit(f"--fit-epochs: not one epoch fits {minutes:.2f} minutes "
+                 f"(one takes {fitted['seconds_per_epoch']:.0f} s)")
     return fitted
 
 
@@ -149,8 +154,8 @@ def main():
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--minutes", type=float, default=10.0, help="stop training after this much time")
     p.add_argument("--fit-epochs", action="store_true",
-                   help="set epochs to the whole epochs that fit --minutes, each epoch's evaluation included "
-                        "(the notebook's epochs_for_budget, from steps timed here)")
+                   help="set epochs to the whole epochs that fit what is left of --minutes, each epoch's "
+                        "evaluation included (the notebook's epochs_for_budget, from steps timed here)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(HERE / "results"))
     a = p.parse_args()
@@ -167,7 +172,8 @@ def main():
     raw = knn_top1(nb, raw_pixels(nb, device), train, val, cfg, device, a.bank)
     tick = time.perf_counter()
     first, first_jaccards = evaluate(nb, trainer, train, val, device, a.bank)
-    fitted = fit_epochs(nb, cfg, train, device, a.minutes, eval_seconds=time.perf_counter() - tick) if a.fit_epochs else None
+    eval_seconds, minutes_left = time.perf_counter() - tick, a.minutes - (time.perf_counter() - start) / 60
+    fitted = fit_epochs(nb, cfg, train, device, minutes_left, eval_seconds) if a.fit_epochs else None
     if fitted:
         cfg = dataclasses.replace(cfg, epochs=fitted["epochs"])
         nb.seed_everything(cfg.seed)   # the run is then the run of --set epochs=<fitted>
