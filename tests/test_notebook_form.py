@@ -72,21 +72,28 @@ def test_section_links_resolve():
     assert links - anchors == set(), f"links to no heading: {sorted(links - anchors)}"
 
 
-def distances(stop_ids):
-    """{cell id: (words, code lines) before it for a reader who skips every *Under the hood* subsection and
-    folded code cell, (the same) for one who reads everything}: words are runs of letters and digits in
-    markdown cells; a subsection is the cells from a cell that opens with its heading to the next heading
-    of its level or above."""
-    skipping_below, seen, counts = None, {}, dict(words=0, lines=0, all_words=0, all_lines=0)
+def reading_order():
+    """(cell, skipped) for every cell in order: skipped when it lies in an *Under the hood* subsection,
+    the cells from a cell that opens with its heading to the next heading of its level or above."""
+    skipping_below = None
     for c in CELLS:
-        text = source(c)
-        heading = re.match(r"(#+) (.*)", text) if c["cell_type"] == "markdown" else None
+        heading = re.match(r"(#+) (.*)", source(c)) if c["cell_type"] == "markdown" else None
         if heading:
             level = len(heading.group(1))
             if skipping_below is not None and level <= skipping_below:
                 skipping_below = None
             if skipping_below is None and "Under the hood" in heading.group(2):
                 skipping_below = level
+        yield c, skipping_below
+
+
+def distances(stop_ids):
+    """{cell id: (words, code lines) before it for a reader who skips every *Under the hood* subsection and
+    folded code cell, (the same) for one who reads everything}: words are runs of letters and digits in
+    markdown cells."""
+    seen, counts = {}, dict(words=0, lines=0, all_words=0, all_lines=0)
+    for c, skipping_below in reading_order():
+        text = source(c)
         if c.get("id") in stop_ids:
             seen[c["id"]] = ((counts["words"], counts["lines"]), (counts["all_words"], counts["all_lines"]))
         folded = c["metadata"].get("jupyter", {}).get("source_hidden", False)
@@ -96,6 +103,23 @@ def distances(stop_ids):
         if skipping_below is None and not folded:
             counts[kind] += n
     return seen
+
+
+def without_code(markdown):
+    """Markdown without its fenced code blocks, whose comments look like headings."""
+    return re.sub(r"```.*?```", "", markdown, flags=re.S)
+
+
+def test_subsections_open_their_cells():
+    """reading_order() sees a cell's first line only: a heading further down must neither open an *Under
+    the hood* subsection nor end the one it lies in, or the skipping reader's distances would be wrong."""
+    inner = [(c["id"], skipping_below, m.group(1), m.group(2)) for c, skipping_below in reading_order()
+             if c["cell_type"] == "markdown" for m in re.finditer(r"^(#+) (.*)$", without_code(source(c)), re.M)
+             if m.start() > 0]
+    assert len(inner) >= 2   # the loss section's cell holds two
+    wrong = [(cell_id, heading) for cell_id, skipping_below, hashes, heading in inner
+             if "Under the hood" in heading or (skipping_below is not None and len(hashes) <= skipping_below)]
+    assert wrong == [], f"headings that are not their cell's first line but open or end a subsection: {wrong}"
 
 
 def figures(text):

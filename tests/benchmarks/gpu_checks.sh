@@ -2,7 +2,7 @@
 # The GPU checks of one lent GPU session, in one call that ends within $DEADLINE seconds (default 570, under
 # the device tool's 600 s a command), the most wanted first:
 #   1. a smoke test of the CUDA-graph step (ViT-T, 5 steps), then the graph step against the eager one
-#      (check_graphs.py: losses of 12 steps, networks after);
+#      (check_graphs.py: losses of 12 steps, networks after; its last line says passed or FAILED);
 #   2. the learning run of issue 23: the `short` profile, ViT-S/8 at 64 px, 50,000 generated images, its
 #      epochs sized by bench_learn.py --fit-epochs so that the whole run, the data, the raw-pixel line, the
 #      timing steps and every evaluation included, takes at most 6 minutes (the issue asks <= 10);
