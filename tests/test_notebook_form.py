@@ -73,8 +73,9 @@ def test_section_links_resolve():
 
 
 def reading_order():
-    """(cell, skipped) for every cell in order: skipped when it lies in an *Under the hood* subsection,
-    the cells from a cell that opens with its heading to the next heading of its level or above."""
+    """(cell, skipping_below) for every cell in order: skipping_below is the heading level of the *Under the
+    hood* subsection the cell lies in, None outside one; a subsection is the cells from a cell that opens
+    with its heading to the next heading of its level or above."""
     skipping_below = None
     for c in CELLS:
         heading = re.match(r"(#+) (.*)", source(c)) if c["cell_type"] == "markdown" else None
