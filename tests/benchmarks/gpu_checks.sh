@@ -12,9 +12,16 @@
 # The shortened paper recipe was measured stalling on a GPU before (learn-gpu-paper-short.json); set
 # PAPER=1 to run it again (1.8 minutes) if the time allows. Results go to $OUT (default /tmp/gpu-checks).
 #   bash tests/benchmarks/gpu_checks.sh [OLD_NOTEBOOK.ipynb] [PATH_TO_facebookresearch_dino]
+# Steps 1 and 2 alone can take the whole deadline, leaving step 4 nothing. With two calls on one warm machine
+# each issue gets its own: PART=speed (1, 3 and 4: issue 26) and then PART=learn (1 and 2: issue 23); in the
+# second call GRAPHS=true or GRAPHS=false (the first call's answer) skips the smoke test. PART=all is the
+# default: one call, steps 1 to 4 in that order.
 set -u
 OUT=${OUT:-/tmp/gpu-checks}; mkdir -p "$OUT"
-BEFORE=${1:-}; OFFICIAL=${2:-}; DEADLINE=${DEADLINE:-570}; PAPER=${PAPER:-0}
+BEFORE=${1:-}; OFFICIAL=${2:-}; DEADLINE=${DEADLINE:-570}; PAPER=${PAPER:-0}; PART=${PART:-all}; GRAPHS=${GRAPHS:-}
+case "$PART" in all|learn|speed) ;; *) echo "PART must be all, learn or speed, not '$PART'" >&2; exit 2 ;; esac
+case "$GRAPHS" in ''|true|false) ;; *) echo "GRAPHS must be true, false or unset, not '$GRAPHS'" >&2; exit 2 ;; esac
+wants() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
 left() {  # seconds until the deadline, at most $1
     local rest=$((DEADLINE - SECONDS)); echo $((rest < $1 ? rest : $1))
@@ -26,21 +33,25 @@ run() {   # run LIMIT LOG COMMAND...: the command under `timeout`, skipped when 
 }
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc
   python3 -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee "$OUT/machine.txt"
-graphs=false
-run 90 "$OUT/smoke.txt" python3 tests/benchmarks/bench_train.py --device cuda --archs vit_tiny --steps 5 \
-    --variants graphs --no-profile
-grep -q "graphs .*images/s" "$OUT/smoke.txt" && graphs=true
+graphs=$GRAPHS
+if [ -z "$graphs" ]; then
+    graphs=false
+    run 90 "$OUT/smoke.txt" python3 tests/benchmarks/bench_train.py --device cuda --archs vit_tiny --steps 5 \
+        --variants graphs --no-profile
+    grep -q "graphs .*images/s" "$OUT/smoke.txt" && graphs=true
+    [ "$graphs" = true ] && run 60 "$OUT/check_graphs.txt" python3 tests/benchmarks/check_graphs.py --device cuda \
+        --steps 12
+fi
 echo "CUDA graphs work: $graphs"
-[ "$graphs" = true ] && run 60 "$OUT/check_graphs.txt" python3 tests/benchmarks/check_graphs.py --device cuda --steps 12
 # one learning run at a time: four side by side on one GPU finished no epoch in 280 s (2026-12-04); compile
 # off: its first step would cost the timing trainer of --fit-epochs and then the run a minute or more each
-run 420 "$OUT/learn.txt" python3 tests/benchmarks/bench_learn.py --name gpu-short --profile short --images 50000 \
-    --bank 20000 --minutes 6 --fit-epochs --out "$OUT" --set arch=vit_small batch_size=256 num_workers=4 \
-    compile=false cuda_graphs=$graphs
-run 60 "$OUT/bench_head_loss.txt" python3 tests/benchmarks/bench_head_loss.py --device cuda --batch 256
-run 240 "$OUT/bench_train.txt" python3 tests/benchmarks/bench_train.py --device cuda --steps 15 \
+wants learn && run 420 "$OUT/learn.txt" python3 tests/benchmarks/bench_learn.py --name gpu-short --profile short \
+    --images 50000 --bank 20000 --minutes 6 --fit-epochs --out "$OUT" --set arch=vit_small batch_size=256 \
+    num_workers=4 compile=false cuda_graphs=$graphs
+wants speed && run 60 "$OUT/bench_head_loss.txt" python3 tests/benchmarks/bench_head_loss.py --device cuda --batch 256
+wants speed && run 420 "$OUT/bench_train.txt" python3 tests/benchmarks/bench_train.py --device cuda --steps 15 \
     --variants eager graphs compile+graphs ${BEFORE:+--before "$BEFORE"} ${OFFICIAL:+--official "$OFFICIAL"}
-if [ "$PAPER" = 1 ]; then
+if [ "$PAPER" = 1 ] && wants learn; then
     run 150 "$OUT/learn.txt" python3 tests/benchmarks/bench_learn.py --name gpu-paper-short --profile imagenet64 \
         --images 50000 --bank 20000 --minutes 1.8 --out "$OUT" --set epochs=5 num_workers=4 cuda_graphs=$graphs \
         warmup_epochs=1 warmup_teacher_temp_epochs=2 momentum_teacher=0.996

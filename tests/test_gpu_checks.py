@@ -1,0 +1,62 @@
+"""gpu_checks.sh, the script a lent GPU session runs, driven here with a stand-in `python3` that records the
+benchmarks it is asked to run (the benchmarks themselves need a GPU): which steps each PART runs, in which
+order, and that GRAPHS skips the smoke test."""
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "benchmarks" / "gpu_checks.sh"
+STAND_IN = """#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+case "$*" in *"--variants graphs --no-profile"*) echo "graphs  vit_tiny  1234 images/s" ;; esac
+"""
+
+
+def run_checks(tmp_path, **env):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in {"python3": STAND_IN, "nvidia-smi": "#!/usr/bin/env bash\necho 'stand-in GPU'\n"}.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    calls.write_text("")
+    done = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
+                               "OUT": str(tmp_path / "out"), **env})
+    scripts = [Path(line.split()[0]).name for line in calls.read_text().splitlines() if line.endswith(".py") or
+               ".py " in line]
+    return done, scripts
+
+
+def test_all_runs_every_step_in_order(tmp_path):
+    done, scripts = run_checks(tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert scripts == ["bench_train.py", "check_graphs.py", "bench_learn.py", "bench_head_loss.py", "bench_train.py"]
+    assert "CUDA graphs work: true" in done.stdout
+
+
+@pytest.mark.parametrize("part, wanted", [
+    ("learn", ["bench_train.py", "check_graphs.py", "bench_learn.py"]),
+    ("speed", ["bench_train.py", "check_graphs.py", "bench_head_loss.py", "bench_train.py"]),
+])
+def test_each_part_runs_its_own_issue_only(tmp_path, part, wanted):
+    done, scripts = run_checks(tmp_path, PART=part)
+    assert done.returncode == 0, done.stderr
+    assert scripts == wanted
+
+
+def test_a_known_graphs_answer_skips_the_smoke_test(tmp_path):
+    done, scripts = run_checks(tmp_path, PART="learn", GRAPHS="false")
+    assert done.returncode == 0, done.stderr
+    assert scripts == ["bench_learn.py"]
+    assert "CUDA graphs work: false" in done.stdout
+    assert (tmp_path / "calls.txt").read_text().strip().endswith("cuda_graphs=false")
+
+
+@pytest.mark.parametrize("env, named", [({"PART": "both"}, "'both'"), ({"GRAPHS": "yes"}, "'yes'")])
+def test_an_unknown_setting_is_refused_before_any_step(tmp_path, env, named):
+    done, scripts = run_checks(tmp_path, **env)
+    assert done.returncode == 2
+    assert named in done.stderr and scripts == []
