@@ -4,7 +4,7 @@ ten timed steps (min_seconds=0) with steps timed for at least --min-seconds, on 
 bench_learn.py's CPU setting (ViT-T/8 at 32 px on the generated shapes), and prints the images/s and the
 epochs fitted to --minutes (each epoch with --eval-seconds of evaluation) of every call.
 
-    python tests/benchmarks/bench_budget.py [--repeats 5] [--minutes 26] [--eval-seconds 8.3]
+    python tests/benchmarks/bench_budget.py [--repeats 5] [--minutes 26] [--eval-seconds 8.3] [--workers 2]
 """
 import argparse
 import statistics
@@ -29,13 +29,14 @@ def main():
     p.add_argument("--minutes", type=float, default=26.0)
     p.add_argument("--eval-seconds", type=float, default=8.3, help="evaluation per epoch (bench_learn's init one)")
     p.add_argument("--min-seconds", type=float, default=10.0)
+    p.add_argument("--workers", type=int, default=0, help="reader processes (num_workers), as the run's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
     nb, device = load_notebook(), torch.device(a.device)
-    cfg = shapes_config(nb, a.profile, a.img_size, num_workers=0)
+    cfg = shapes_config(nb, a.profile, a.img_size, num_workers=a.workers)
     train = nb.ShapesDataset(a.images, a.img_size, seed=1)
     print(f"{machine(device)}; profile {a.profile}, {a.images} images at {a.img_size} px; "
-          f"{a.minutes:g} minutes, {a.eval_seconds:g} s of evaluation an epoch")
+          f"{a.minutes:g} minutes, {a.eval_seconds:g} s of evaluation an epoch, {a.workers} reader processes")
     rates = {"10 steps": [], f">= {a.min_seconds:g} s": []}
     for repeat in range(a.repeats):
         for name, min_seconds in zip(rates, (0.0, a.min_seconds)):
