@@ -25,8 +25,8 @@ def run_checks(tmp_path, **env):
     done = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
                                "OUT": str(tmp_path / "out"), **env})
-    scripts = [Path(line.split()[0]).name for line in calls.read_text().splitlines() if line.endswith(".py") or
-               ".py " in line]
+    first_words = [line.split()[0] for line in calls.read_text().splitlines()]   # a script, or -c
+    scripts = [Path(word).name for word in first_words if word.endswith(".py")]
     return done, scripts
 
 
