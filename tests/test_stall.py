@@ -18,6 +18,8 @@ def test_the_alarm_reads_the_figures(nb, tmp_path):
     assert "near-uniform" in uniform and f"{0.97 * log_k:.2f} of at most {log_k:.2f}" in uniform
     assert "`short` profile" in uniform and "koleo_weight=0.1" in uniform   # says what to try
     assert "few prototypes" in nb.stall_alarm(rows(0.01, 0.001), cfg, epoch=1)
+    assert "few prototypes" in nb.stall_alarm(rows(0.06 * log_k, 0.18), cfg, epoch=1)  # the notebook's run without centring
+    assert nb.stall_alarm(rows(0.1 * log_k, 0.5 * log_k), cfg, epoch=1) is None   # sharp, but the images differ
     assert nb.stall_alarm(rows(0.6 * log_k, 1.2), cfg, epoch=1) is None     # healthy
     assert nb.stall_alarm(rows(0.97 * log_k, 2.0), cfg, epoch=1) is None    # uniform teacher, student still learning
     assert nb.stall_alarm(rows(0.97 * log_k, 0.05), cfg, epoch=0) is None   # during the warm-up
@@ -42,3 +44,11 @@ def test_a_run_that_stalls_is_told_once(nb, tmp_path, capsys):
 def test_the_same_run_sharpened_is_not_alarmed(nb, tmp_path, capsys):
     alarms, out = alarms_of_a_run(nb, tmp_path, capsys, teacher_temp=0.04, warmup_teacher_temp=0.04)
     assert alarms == [] and "stalled" not in out
+
+
+def test_a_run_without_centring_is_told_it_collapsed(nb, tmp_path, capsys):
+    """Centring off (the centre stays at zero), a sharp teacher: one prototype takes over every image."""
+    alarms, out = alarms_of_a_run(nb, tmp_path, capsys, center_momentum=1.0, teacher_temp=0.04,
+                                  warmup_teacher_temp=0.04)
+    assert len(alarms) == 1 and "few prototypes" in alarms[0]["message"]
+    assert out.count("WARNING: training has stalled") == 1
