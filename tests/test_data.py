@@ -36,7 +36,8 @@ def test_pickle_round_trip(nb, photo, tmp_path):
     np.testing.assert_array_equal(ds.images, images)
     np.testing.assert_array_equal(ds.labels, np.arange(5))
     image, label = ds[3]
-    np.testing.assert_array_equal(image, images[3]) and label == 3
+    np.testing.assert_array_equal(image, images[3])
+    assert label == 3
     assert len(ds) == 5
 
 

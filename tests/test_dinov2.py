@@ -151,8 +151,13 @@ def test_layerscale_scales_each_branch(nb):
 
 def test_attention_maps_skip_the_registers(nb, release_files):
     model = nb.backbone_from_checkpoint(release_files[4][0])
-    maps = nb.cls_attention_maps(model, np.zeros((1, 3, 56, 84), np.uint8))
-    assert maps.shape == (1, HEADS, 4, 6)
+    images = np.random.default_rng(0).integers(0, 256, (1, 3, 56, 84), dtype=np.uint8)
+    maps = nb.cls_attention_maps(model, images)
+    assert maps.shape == (1, HEADS, 4, 6) and model.num_register_tokens == 4
+    with torch.no_grad():
+        attention = model.eval().get_last_selfattention(nb.normalize_uint8(torch.from_numpy(images)))
+    assert torch.allclose(maps.flatten(2), attention[:, :, 0, 1 + 4:], atol=1e-6)   # CLS row, patches only
+    assert not torch.allclose(maps.flatten(2), attention[:, :, 0, 1:1 + 24], atol=1e-3)   # not the registers'
 
 
 def test_refusals_say_what_was_found(nb, tmp_path):

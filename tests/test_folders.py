@@ -296,8 +296,10 @@ def test_parallel_decoding_equals_serial_in_order(nb, tmp_path):
     with pytest.warns(UserWarning, match="skipped 1"):
         parallel = list(nb.decode_images(paths, 12, workers=2, chunk=4))
     assert [s for s, _, _ in parallel] == list(range(0, 22, 4))
+    assert len(serial) == len(parallel)
     for (_, a, ok_a), (_, b, ok_b) in zip(serial, parallel):
-        np.testing.assert_array_equal(a, b) and np.testing.assert_array_equal(ok_a, ok_b)
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(ok_a, ok_b)
     assert np.concatenate([ok for _, _, ok in parallel]).tolist() == [i != 7 for i in range(22)]
 
 

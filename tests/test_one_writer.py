@@ -115,10 +115,9 @@ def test_a_second_trainer_is_refused_at_once_and_a_killed_holder_is_taken_over(n
     try:
         holder = server.start("a", "run")
         server.until("a step 1")                 # a trains, holds the lock, and waits at step 1
-        started = time.monotonic()
         server.start("b", "run")
-        refusal = server.until("b refused ")
-        assert server.wait("b") == 3 and time.monotonic() - started < 10
+        refusal = server.until("b refused ")   # a lock that waited would never print this while a holds it
+        assert server.wait("b") == 3
         assert str(tmp_path / "run") in refusal and f"PID {holder} on host {socket.gethostname()}, since " in refusal
         assert "another run_name" in refusal
         # a reader needs no lock: the holder's last checkpoint loads while it trains

@@ -48,8 +48,9 @@ def test_each_class_is_its_own_shape(nb):
 
 
 def test_raw_pixels_are_weak(nb):
-    """Nearest neighbours on pixels find the class only a little more often than chance (10%)."""
+    """Nearest neighbours on pixels find the class more often than chance (10%), but not much: the objects'
+    shapes leave some trace in the pixels (22.8% here; 16.8-22.8% over three seed pairs)."""
     train, val = nb.ShapesDataset(2000, 32, seed=1), nb.ShapesDataset(400, 32, seed=2)
     pixels = lambda d: nb.normalize_uint8(torch.from_numpy(d.images)).flatten(1)
     top1 = nb.knn_classify(pixels(train), train.labels, pixels(val), val.labels, k=20)[20][0]
-    assert top1 < 35
+    assert 15 < top1 < 35

@@ -1,6 +1,9 @@
 """The float32 CPU training step keeps its numerics through every speed change: 10 recorded steps
-(tests/record_trajectory.py, made with the step that was checked against the authors' train_one_epoch)
-are replayed and compared, loss by loss and weight by weight."""
+(tests/record_trajectory.py) are replayed and compared, loss by loss, and for every tensor of both
+networks and the loss its norm and 8 values at fixed positions. The recording pins the step as it was
+when a comparison with the authors' train_one_epoch ran outside this repository (12 steps, the same
+weights and crops: largest difference 7.9e-6, reported in issue 23); the step's parts are checked
+against the reference's formulas in test_faithful.py and test_loss.py."""
 import json
 
 import numpy as np
@@ -39,10 +42,11 @@ def test_the_weights_after_ten_steps_equal_the_recording(replay):
     assert worst[0] <= TOLERANCE, f"largest weight difference {worst[0]:.2e} at {worst[1]}"
 
 
-def test_the_recording_moved_what_a_step_moves(replay):
-    """The recording is of a real run: the loss changes and the teacher left its initial weights."""
+def test_the_recording_and_the_replay_moved_what_a_step_moves(replay):
+    """Both are of a real run (a step that did nothing could not be told from a recording of one): the loss
+    changes every step, the teacher is not the student, and the loss's centre left zero."""
     recorded = json.loads(RECORDING.read_text())
-    assert len(set(round(x, 4) for x in recorded["losses"])) == 10
-    student, teacher = recorded["after_10_steps"]["student"], recorded["after_10_steps"]["teacher"]
-    assert student["backbone.cls_token"]["values"] != teacher["backbone.cls_token"]["values"]
-    assert any(v["norm"] > 0 for v in recorded["after_10_steps"]["loss"].values())
+    for run_losses, after in [(recorded["losses"], recorded["after_10_steps"]), replay]:
+        assert len(set(round(x, 4) for x in run_losses)) == 10
+        assert after["student"]["backbone.cls_token"]["values"] != after["teacher"]["backbone.cls_token"]["values"]
+        assert any(v["norm"] > 0 for v in after["loss"].values())
