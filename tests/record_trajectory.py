@@ -1,9 +1,9 @@
 """Record (or compare against) the float32 CPU trajectory of the training step.
 
 The step's numerics are pinned by a recording: 10 steps of a small run through the warm-up, the frozen
-last layer, the teacher-temperature warm-up, drop path and the EMA, made with the step as it was when its
-numerics were compared with the authors' `train_one_epoch` outside this repository (12 steps, largest
-difference 7.9e-6, reported in issue 23). `tests/test_trajectory.py` replays it after
+last layer, the teacher-temperature warm-up, drop path and the EMA, made with a step that equals the authors'
+`train_one_epoch` step by step (`tests/benchmarks/check_official_step.py`, on demand with a checkout of
+their code; its figures are in `tests/benchmarks/results/check_official_step.txt`). `tests/test_trajectory.py` replays it after
 every change. Run this file only to make a new recording, after a deliberate change of the numerics:
     python tests/record_trajectory.py   (writes tests/data/step_trajectory.json)
 """
