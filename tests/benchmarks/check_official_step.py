@@ -36,14 +36,15 @@ SETTINGS = dict(arch="vit_tiny", patch_size=16, img_size=64, out_dim=256, head_h
 ITERS_PER_EPOCH = 3
 
 
-def official_spelling(state_dict):
-    """Our state dict with the last layer's weight norm spelt as nn.utils.weight_norm spells it."""
-    rename = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
+def official_spelling(nb, state_dict):
+    """Our state dict with the last layer's weight norm spelt as nn.utils.weight_norm spells it: the
+    notebook's own renaming of official checkpoints (WEIGHT_NORM_OLD_TO_NEW), turned round."""
+    new_to_old = {new: old for old, new in nb.WEIGHT_NORM_OLD_TO_NEW.items()}
     out = {}
     for key, value in state_dict.items():
-        for ours, theirs in rename.items():
-            key = key.replace(ours, theirs)
-        out[key] = value.clone()
+        for new, old in new_to_old.items():
+            key = key.replace(new, old)
+        out[key] = value
     return out
 
 
@@ -60,14 +61,17 @@ def weight_gaps(ours, theirs):
     return rest, key_bias
 
 
-def official_models(official, cfg, state_dict):
-    sys.path.insert(0, str(official))
+def official_models(cfg, state_dict):
+    """The official student and teacher (their modules, imported from the checkout on sys.path)."""
     import utils as official_utils
     import vision_transformer as vits
-    make = lambda norm_last_layer: official_utils.MultiCropWrapper(
-        vits.__dict__[cfg.arch](patch_size=cfg.patch_size, img_size=[cfg.img_size], drop_path_rate=0.0),
-        vits.DINOHead(192, cfg.out_dim, cfg.use_bn_in_head, norm_last_layer, hidden_dim=cfg.head_hidden_dim,
-                      bottleneck_dim=cfg.head_bottleneck_dim))
+
+    def make(norm_last_layer):   # as main_dino.py builds them
+        backbone = vits.__dict__[cfg.arch](patch_size=cfg.patch_size, img_size=[cfg.img_size], drop_path_rate=0.0)
+        return official_utils.MultiCropWrapper(backbone, vits.DINOHead(
+            backbone.embed_dim, cfg.out_dim, cfg.use_bn_in_head, norm_last_layer, hidden_dim=cfg.head_hidden_dim,
+            bottleneck_dim=cfg.head_bottleneck_dim))
+
     student, teacher = make(cfg.norm_last_layer), make(True)   # main_dino.py: the teacher's head keeps the default
     student.load_state_dict(state_dict)
     teacher.load_state_dict(student.state_dict())
@@ -88,6 +92,7 @@ def main():
     if not 1 <= a.steps <= SETTINGS["epochs"] * ITERS_PER_EPOCH:
         raise SystemExit(f"--steps {a.steps}: must be 1 to {SETTINGS['epochs'] * ITERS_PER_EPOCH}")
     torch.set_num_threads(1)
+    sys.path.insert(0, str(official))   # their main_dino, utils and vision_transformer
     nb = load_notebook()
     import torch.distributed as dist
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -95,16 +100,15 @@ def main():
     dist.init_process_group("gloo", rank=0, world_size=1)   # the official loss all-reduces its centre
     try:
         with tempfile.TemporaryDirectory() as folder:
-            compare(nb, official, a, nb.make_config("demo", checkpoint_dir=folder, **SETTINGS))
+            compare(nb, a, nb.make_config("demo", checkpoint_dir=folder, **SETTINGS))
     finally:
         dist.destroy_process_group()
 
 
-def compare(nb, official, a, cfg):
+def compare(nb, a, cfg):
     device = torch.device("cpu")
     ours = nb.DINOTrainer(cfg, ITERS_PER_EPOCH * cfg.batch_size, device)
-    student, teacher, official_utils = official_models(official, cfg, official_spelling(ours.student.state_dict()))
-    sys.path.insert(0, str(official))
+    student, teacher, official_utils = official_models(cfg, official_spelling(nb, ours.student.state_dict()))
     import main_dino
     loss_fn = main_dino.DINOLoss(cfg.out_dim, 2 + cfg.n_local_crops, cfg.warmup_teacher_temp, cfg.teacher_temp,
                                  cfg.warmup_teacher_temp_epochs, cfg.epochs, cfg.student_temp, cfg.center_momentum)
@@ -142,8 +146,8 @@ def compare(nb, official, a, cfg):
     gaps["loss, over the steps"] = loss_gap
     key_bias_gaps = {}
     for name, ours_model, theirs in [("student", ours.student, student), ("teacher", ours.teacher, teacher)]:
-        gaps[f"{name} weights"], key_bias_gaps[name] = weight_gaps(official_spelling(ours_model.state_dict()),
-                                                                   theirs.state_dict())
+        theirs_in_our_spelling = {nb.canonical_key(key): value for key, value in theirs.state_dict().items()}
+        gaps[f"{name} weights"], key_bias_gaps[name] = weight_gaps(ours_model.state_dict(), theirs_in_our_spelling)
     gaps["loss centre"] = float((ours.loss.center - loss_fn.center).abs().max())
     print(f"after {a.steps} steps, largest differences:")
     for name, gap in gaps.items():
