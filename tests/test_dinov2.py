@@ -160,6 +160,23 @@ def test_attention_maps_skip_the_registers(nb, release_files):
     assert not torch.allclose(maps.flatten(2), attention[:, :, 0, 1:1 + 24], atol=1e-3)   # not the registers'
 
 
+def test_patch_pca_skips_the_registers(nb, release_files):
+    """The PCA colours one pixel per patch: its tokens are the patches', neither CLS nor the registers."""
+    model = nb.backbone_from_checkpoint(release_files[4][0])
+    images = [np.random.default_rng(i).integers(0, 256, (56, 84, 3), dtype=np.uint8) for i in range(2)]
+    colours = nb.patch_pca_images(model, images)
+    assert [c.shape for c in colours] == [(4, 6, 3)] * 2
+    with torch.no_grad():
+        tokens = torch.cat([model.get_intermediate_layers(nb.normalize_uint8(
+            torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]))[0][0, 1 + 4:] for image in images])
+    centred = tokens - tokens.mean(dim=0)
+    first = (centred @ torch.linalg.svd(centred, full_matrices=False).Vh[0]).reshape(2, 4, 6)
+    ours = torch.from_numpy(np.stack([c[..., 0] for c in colours]))
+    inside = (ours > 0) & (ours < 1)   # the quantile clipping leaves the ends flat
+    correlation = np.corrcoef(ours[inside].numpy(), first[inside].numpy())[0, 1]
+    assert abs(correlation) > 0.999, correlation   # the first component, up to its sign and scale
+
+
 def test_refusals_say_what_was_found(nb, tmp_path):
     sd = release_state_dict(0)
     swiglu = {k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3"): v for k, v in sd.items()}

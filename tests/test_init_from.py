@@ -77,6 +77,24 @@ def test_dinov2_file_brings_patch_14_registers_and_layerscale(nb, tmp_path, caps
         assert teacher.backbone.get_last_selfattention(torch.randn(1, 3, 64, 64)).shape[-1] == 1 + 4 + 16
 
 
+def test_a_run_from_a_dinov2_file_is_evaluated_with_its_own_vit(nb, tmp_path):
+    """The run's ViT came from the file (patch 14, registers, LayerScale), so its teacher.pth is read back
+    into that ViT for the Evaluation and Attention sections, not into the config's patch-16 one."""
+    from test_train import Data, tiny_cfg
+    release = nb.VisionTransformer(518, 14, embed_dim=192, depth=12, num_heads=3, num_register_tokens=4,
+                                   layerscale_init=1.0)
+    torch.save(random_file_weights(release, seed=4), tmp_path / "dinov2_vitt14_reg4_pretrain.pth")
+    cfg = tiny_cfg(nb, tmp_path, init_from=str(tmp_path / "dinov2_vitt14_reg4_pretrain.pth"), epochs=1)
+    cfg = nb.dataclasses.replace(cfg, profile="short")   # its teacher is the run's, not the demo checkpoint
+    trainer, _ = nb.train_dino(cfg, Data(), Data(), torch.device("cpu"), progress=False)
+    backbone, path = nb.trained_teacher(cfg, torch.device("cpu"))
+    assert path == nb.run_directory(cfg) / "teacher.pth"
+    assert (backbone.patch_size, backbone.num_register_tokens) == (14, 4) and not backbone.training
+    trained = trainer.teacher.backbone.state_dict()
+    assert all(torch.equal(value, trained[key]) for key, value in backbone.state_dict().items())
+    assert nb.knn_accuracy(backbone, Data(), Data(), cfg, torch.device("cpu"))[0] is not None
+
+
 def test_a_file_that_does_not_fit_is_refused_when_the_config_is_made(nb, tmp_path):
     torch.save(random_file_weights(nb.vit_small(patch_size=8, img_size=224), 4), tmp_path / "small8.pth")
     with pytest.raises(nb.ConfigError, match=r"small8\.pth.*embed_dim 384 in the file vs 192.*num_heads 6"):
