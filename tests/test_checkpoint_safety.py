@@ -186,12 +186,17 @@ def test_export_checks_the_teacher(nb, run, tmp_path):
 
 
 def test_a_damaged_log_line_is_skipped_with_a_warning(nb, tmp_path):
+    """Cut lines, and rows without a field their kind is read by (each would stop the run at an epoch's end)."""
     log = tmp_path / "log.jsonl"
-    rows = [dict(kind="step", step=1, loss=1.0), dict(kind="step", step=2, loss=0.5)]
-    log.write_text(json.dumps(rows[0]) + "\n" + '{"kind": "step", "st\n' + json.dumps(rows[1]) + "\n[1, 2]\n")
+    step = lambda n, **kw: {**dict(kind="step", step=n, epoch=0, loss=1.0, entropy=0.5, kl=0.5, center_norm=0.1), **kw}
+    rows = [step(1), dict(kind="eval", step=2, epoch=0, knn_top1=12.5, knn_top5=None), step(2, loss=0.5)]
+    bad = ['{"kind": "step", "st', "[1, 2]", json.dumps({k: v for k, v in step(3).items() if k != "epoch"}),
+           json.dumps(step(3, loss="0.5")), json.dumps(step(3, epoch=True)), json.dumps(dict(kind="note", step=3))]
+    log.write_text("\n".join([json.dumps(rows[0]), bad[0], json.dumps(rows[1]), *bad[1:], json.dumps(rows[2])]) + "\n")
     with pytest.warns(UserWarning) as caught:
         assert nb.read_log(log) == rows
-    assert [str(w.message).split(":")[0] for w in caught] == [f"{log}, line 2", f"{log}, line 4"]
+    assert [str(w.message).split(":")[0] for w in caught] == [f"{log}, line {n}" for n in (2, 4, 5, 6, 7, 8)]
+    assert "a 'step' row whose epoch is missing or of the wrong type" in str(caught[2].message)
 
 
 def test_planted_links_are_never_followed(nb, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """Schedules, optimiser rules, EMA, checkpoints and exact resume of the training section."""
+import json
 import os
 import signal
 import subprocess
@@ -188,6 +189,35 @@ def test_resume_is_bit_exact(nb, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ck" / "halves").iterdir()) == [   # last.prev.pth goes at the end
         "epoch_0001.pth", "epoch_0002.pth", "last.pth", "log.jsonl", "settings.json", "teacher.pth",
         "train.lock"]   # the one-writer lock's file stays, empty and unlocked
+
+
+def test_a_stop_on_an_epochs_last_step_still_ends_the_epoch(nb, tmp_path, capsys):
+    """max_steps at an epoch's end: its k-NN, summary and checkpoints come before the run returns. A run
+    cut off after that step's checkpoint but before the epoch's end (a Ctrl-C, a kill) ends it on resume."""
+    data, ends = Data(), lambda rows: [(r["kind"], r["step"]) for r in rows if r["kind"] in ("eval", "epoch_end")]
+    whole, whole_rows = nb.train_dino(tiny_cfg(nb, tmp_path, run_name="whole"), data, data, torch.device("cpu"),
+                                      progress=False)
+    assert ends(whole_rows) == [("eval", 0), ("eval", 4), ("epoch_end", 4), ("eval", 8), ("epoch_end", 8)]
+    cfg = tiny_cfg(nb, tmp_path, run_name="stopped")
+    first, rows = nb.train_dino(cfg, data, data, torch.device("cpu"), max_steps=4, progress=False)
+    run_dir = tmp_path / "ck" / "stopped"
+    assert first.step == 4 and ends(rows) == ends(whole_rows)[:3] and (run_dir / "epoch_0001.pth").is_file()
+    assert "epoch 1: k-NN top-1" in capsys.readouterr().out
+    cut = tiny_cfg(nb, tmp_path, run_name="cut")
+    nb.train_dino(cut, data, data, torch.device("cpu"), max_steps=4, progress=False)
+    cut_dir = tmp_path / "ck" / "cut"
+    (cut_dir / "epoch_0001.pth").unlink()   # as if killed after step 4's checkpoint, before its epoch's end
+    log = cut_dir / "log.jsonl"
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()
+                           if json.loads(line)["kind"] not in ("epoch_end", "eval") or json.loads(line)["step"] == 0))
+    resumed, history = nb.train_dino(cut, data, data, torch.device("cpu"), progress=False)
+    assert "epoch 1: k-NN top-1" in capsys.readouterr().out and (cut_dir / "epoch_0001.pth").is_file()
+    assert ends(history) == ends(whole_rows)
+    for name in ("stopped", "cut"):
+        again, _ = nb.train_dino(tiny_cfg(nb, tmp_path, run_name=name), data, data, torch.device("cpu"), progress=False)
+        assert again.step == 8 and (tmp_path / "ck" / name / "teacher.pth").is_file()
+        assert all(torch.equal(a, b) for a, b in zip(whole.teacher.state_dict().values(),
+                                                     again.teacher.state_dict().values()))
 
 
 def test_a_run_keeps_what_its_plan_says_at_the_sizes_it_says(nb, tmp_path, capsys):
