@@ -36,6 +36,11 @@ BAD = [  # (override, words the error must hold)
     (dict(run_name="a/b"), "run_name='a/b': must be a plain name"),
     (dict(run_name=""), "run_name='': must be a plain name"),
     (dict(run_name=".."), "run_name='..': must be a plain name"),
+    (dict(seed=2**40), r"seed=1099511627776: must be in \[0, 2\*\*31\)"),
+    (dict(seed=-1), r"seed=-1: must be in \[0, 2\*\*31\)"),
+    (dict(base_lr="2e-3"), r"base_lr='2e-3': must be a finite float, not a str \(write 0.002: YAML reads 2e-3"),
+    (dict(warmup_epochs=4), "warmup_epochs=4: must be at most epochs=3, or the learning rate never reaches its peak"),
+    (dict(warmup_teacher_temp_epochs=4), "warmup_teacher_temp_epochs=4: must be at most epochs=3, or the teacher"),
 ]
 
 
@@ -54,6 +59,13 @@ def test_every_profile_is_valid_and_good_values_pass(nb):
     cfg = nb.make_config("demo", local_crop_scale=[0.1, 0.3], base_lr=1, val_fraction=0.5, run_name="run-2.b_c")
     assert cfg.local_crop_scale == (0.1, 0.3) and cfg.base_lr == 1
     assert set(nb.CONFIG_ARCHS) == set(nb.VIT_ARCHS)   # the check knows every architecture the ViT section builds
+
+
+def test_the_notebook_parameters_must_be_a_mapping(nb):
+    """papermill's -p overrides "{epochs: 1}" passes a string: the error says how to pass the mapping."""
+    assert nb.config_from_parameters("demo", {"epochs": 1}).epochs == 1
+    with pytest.raises(nb.ConfigError, match=r"overrides='\{epochs: 1\}': must be a mapping .* -y \"overrides: "):
+        nb.config_from_parameters("demo", "{epochs: 1}")
 
 
 def test_assignment_is_checked_and_leaves_the_config_as_it_was(nb):

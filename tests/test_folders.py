@@ -4,6 +4,7 @@ import os
 import struct
 import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -389,3 +390,48 @@ def test_attention_rows_for_files_of_any_size_and_aspect(nb, tmp_path, small_vit
     (shown, heats, masks), (small, _, _) = rows
     assert shown.shape == (48, 16, 3) and len(heats) == 1 + 3 and heats[0].shape == (48, 16)
     assert small.shape == (16, 16, 3)
+
+
+def test_images_narrower_than_one_patch_are_skipped_and_named(nb, tmp_path, small_vit):
+    """A 5x5 icon, and a banner whose short side shrinks below one patch with its long side, cannot be
+    attended to: each is named in the warning, and the others are drawn."""
+    write_png(tmp_path / "icon.png", asymmetric(5, 5))
+    write_png(tmp_path / "banner.png", asymmetric(20, 400))   # 400 x 20, shrunk to 50 x 2
+    write_png(tmp_path / "photo.png", asymmetric(40, 48))
+    paths = [tmp_path / "icon.png", tmp_path / "banner.png", tmp_path / "photo.png"]
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable or too small image\(s\) of 3") as caught:
+        rows = nb.attention_rows_for_files(small_vit, paths, 0.6, max_side=50)
+    assert len(rows) == 1 and rows[0][0].shape == (40, 48, 3)
+    message = str(caught[0].message)
+    assert "icon.png', '5x5 px" in message and "banner.png', '50x2 px" in message and "8-px patch" in message
+    with pytest.raises(nb.DataError, match="none of the 2 image file"):
+        nb.attention_rows_for_files(small_vit, paths[:2], 0.6, max_side=50)
+
+
+def test_export_features_of_a_folder_with_train_and_val_labels_by_class(nb, tmp_path, small_vit):
+    """train/ and val/ are the splits of one data set, not two classes: both are exported, each image
+    labelled by its class folder, in train/'s class order."""
+    for split, classes in [("train", ["a", "b"]), ("val", ["b"])]:
+        for name in classes:
+            (tmp_path / "set" / split / name).mkdir(parents=True)
+            for i in range(2):
+                write_png(tmp_path / "set" / split / name / f"{i}.png", asymmetric(16, 16))
+    out = nb.export_features(small_vit, tmp_path / "set", tmp_path / "out", workers=1)
+    files = [Path(f).relative_to((tmp_path / "set").resolve()).parts[:2] for f in json.loads((out / "files.json").read_text())]
+    assert files == [("train", "a")] * 2 + [("train", "b")] * 2 + [("val", "b")] * 2
+    assert np.load(out / "labels.npy").tolist() == [0, 0, 1, 1, 1, 1]
+    assert json.loads((out / "classes.json").read_text()) == ["a", "b"]
+
+
+def test_own_images_of_a_folder_are_every_image_under_it(nb, tmp_path):
+    """own_images draws and exports every image of a folder, beside subfolders or in them (the class-folder
+    rule of data sets does not apply)."""
+    (tmp_path / "mine" / "trip").mkdir(parents=True)
+    for path in [tmp_path / "mine" / "top.png", tmp_path / "mine" / "trip" / "beach.png"]:
+        write_png(path, asymmetric(16, 16))
+    cfg = nb.make_config("demo", own_images=[str(tmp_path / "mine"), str(tmp_path / "mine" / "top.png")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # nothing "ignored beside the class folders"
+        files = nb.own_image_files(cfg)
+    assert [p.relative_to((tmp_path / "mine").resolve()).as_posix() for p in files[:2]] == ["top.png", "trip/beach.png"]
+    assert files[2] == tmp_path / "mine" / "top.png" and len(files) == 3
