@@ -153,7 +153,7 @@ def test_missing_checkpoint_says_where_and_returns_none(nb, tmp_path, capsys):
     with pytest.raises(nb.ConfigError, match="pretrained_path=.*nothing_here.pth': no such file"):
         nb.make_config("demo", pretrained_path=str(tmp_path / "nothing_here.pth"))
     cfg = nb.dataclasses.replace(nb.make_config("demo"), pretrained_path=str(tmp_path / "nothing_here.pth"))
-    assert nb.load_pretrained_dino(cfg) is None
+    assert nb.load_pretrained(cfg, "pretrained_path") is None
     message = capsys.readouterr().out
     assert "nothing_here.pth" in message and nb.DINO_VITS8_URL in message
 
@@ -165,7 +165,7 @@ def test_present_checkpoint_loads_vit_small_8(nb, tmp_path):
     state = {k: torch.randn(shape) * 0.02 for k, shape in shapes.items()}
     torch.save(state, tmp_path / "dino_deitsmall8_pretrain.pth")
     cfg = nb.make_config("demo", pretrained_path=str(tmp_path / "dino_deitsmall8_pretrain.pth"))
-    model = nb.load_pretrained_dino(cfg)
+    model = nb.load_pretrained(cfg, "pretrained_path")
     assert not model.training and model.patch_embed.proj.kernel_size == (8, 8)
     assert torch.equal(model.pos_embed, state["pos_embed"]) and model.pos_embed.shape[1] == 1 + 28 * 28
     maps = nb.cls_attention_maps(model, np.zeros((1, 3, 40, 56), np.uint8))

@@ -125,6 +125,21 @@ def test_a_file_that_is_no_checkpoint_says_so_at_once(nb, tmp_path):
         config(nb, tmp_path)
 
 
+@pytest.mark.parametrize("key, shape, said", [("pos_embed", (192,), r"pos_embed \(192,\) is not \(1, 1 \+ n\*n, width\)"),
+                                             ("pos_embed", (1, 0, 192), r"pos_embed \(1, 0, 192\)"),
+                                             ("pos_embed", (1, 11, 192), r"pos_embed \(1, 11, 192\)"),
+                                             ("patch_embed.proj.weight", (192,), r"patch_embed.proj.weight \(192,\)")])
+def test_a_backbone_of_impossible_shapes_is_refused_by_name(nb, tmp_path, key, shape, said):
+    """Shapes no ViT has: both readers (the config's and the loader's) name the file and the shape."""
+    state = nb.vit_tiny(patch_size=16).state_dict()
+    state[key] = torch.zeros(shape)
+    torch.save(state, tmp_path / "odd.pth")
+    with pytest.raises(nb.ConfigError, match=r"odd\.pth'.*not a ViT backbone this notebook can build: " + said):
+        config(nb, tmp_path / "odd.pth", patch_size=16)
+    with pytest.raises(ValueError, match=r"odd\.pth is no ViT backbone this notebook can build: " + said):
+        nb.backbone_from_checkpoint(tmp_path / "odd.pth")
+
+
 def test_the_fresh_head_is_said_once_however_many_models_are_built(nb, tmp_path, capsys):
     torch.save(random_file_weights(nb.vit_tiny(patch_size=8, img_size=224), seed=6), tmp_path / "once.pth")
     cfg = config(nb, tmp_path / "once.pth")
