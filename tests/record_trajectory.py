@@ -35,9 +35,7 @@ def images():
 
 def run(nb, checkpoint_dir):
     """(losses of the 10 steps, the trainer after them), float32 on the CPU, one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with nb.one_thread():
         cfg = trajectory_config(nb, checkpoint_dir)
         nb.seed_everything(cfg.seed)
         trainer = nb.DINOTrainer(cfg, 8, torch.device("cpu"))
@@ -46,8 +44,6 @@ def run(nb, checkpoint_dir):
             batch = data[:4] if step % 2 == 0 else data[4:]
             losses.append(float(nb.train_step(trainer, batch)["loss"]))
         return losses, trainer
-    finally:
-        torch.set_num_threads(threads)
 
 
 def samples(tensor):

@@ -60,8 +60,8 @@ def shapes_config(nb, profile, img_size, **overrides):
 
 def knn_top1(nb, features, train, val, cfg, device, bank):
     """Weighted k-NN top-1 (%) of all of val against `bank` training images, evenly spaced."""
-    chosen = np.linspace(0, len(train) - 1, min(bank, len(train))).round().astype(np.int64)
-    return nb.knn_classify(features(train.images[chosen]), train.labels[chosen], features(val.images), val.labels,
+    bank_images, bank_labels = nb.evenly_spaced(train, bank)
+    return nb.knn_classify(features(bank_images), bank_labels, features(val.images), val.labels,
                            k=cfg.knn_k, T=cfg.knn_temperature, device=device)[cfg.knn_k][0]
 
 
