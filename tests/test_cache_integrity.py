@@ -147,3 +147,20 @@ def test_the_blocks_a_read_touches_are_all_checked(nb, index):
     assert read <= said and said <= set(range(7))
     if not isinstance(index, slice) or index.step in (None, 1):
         assert said == read
+
+
+def test_labels_changed_in_place_are_caught_and_rebuilt(nb, built):
+    """The labels have their checksum too: five of them reversed (same count, same range, a valid .npy) are
+    refused by name, by verify() as on open, and the cache is rebuilt with the sources' labels."""
+    root, cache, ds, images = built
+    labels_path = f"{ds.prefix}.labels.npy"
+    labels = np.load(labels_path)
+    labels[10:15] = labels[10:15][::-1].copy()
+    np.save(labels_path, labels)
+    with pytest.raises(nb.DataError, match=rf"{labels_path}: differs from its checksum"):
+        nb.verify_cache(ds.prefix)
+    with pytest.warns(UserWarning, match=rf"cache {ds.prefix} rejected .*{labels_path}: differs from its checksum"):
+        again = nb.ImageNet64(root, "val", cache_dir=cache)
+    assert again.labels.tolist() == list(range(N))
+    np.testing.assert_array_equal(again.images[:], images)
+    assert again.verify() == N // 16

@@ -435,3 +435,20 @@ def test_own_images_of_a_folder_are_every_image_under_it(nb, tmp_path):
         files = nb.own_image_files(cfg)
     assert [p.relative_to((tmp_path / "mine").resolve()).as_posix() for p in files[:2]] == ["top.png", "trip/beach.png"]
     assert files[2] == tmp_path / "mine" / "top.png" and len(files) == 3
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_split_by_its_bytes(nb, tmp_path):
+    """Linux names are bytes: b'\\xff\\xfe.png' arrives as a str with surrogates, which str.encode refuses. The
+    held-out split hashes the name's own bytes (os.fsencode), the same as before for every UTF-8 name."""
+    for c in ("p", "q"):
+        for i in range(3):
+            write_png(tmp_path / "f" / c / f"{i}.png", asymmetric(30, 50, seed=i))
+    odd = tmp_path / "f" / "p" / os.fsdecode(b"\xff\xfe.png")
+    write_png(odd, asymmetric(30, 50, seed=9))
+    train = nb.ImageFolder(tmp_path / "f", "train", img_size=16, cache_dir=tmp_path / "c", workers=1)
+    val = nb.ImageFolder(tmp_path / "f", "val", img_size=16, cache_dir=tmp_path / "c", workers=1)
+    assert len(train) + len(val) == 7 and val.labels.tolist() == [0, 1]
+    assert nb.path_hash(os.path.join("p", os.fsdecode(b"\xff\xfe.png"))) == \
+        int.from_bytes(__import__("hashlib").sha1(b"p/\xff\xfe.png").digest()[:8], "big") / 2**64
+    assert nb.path_hash("p/é.png") == int.from_bytes(__import__("hashlib").sha1("p/é.png".encode()).digest()[:8],
+                                                        "big") / 2**64   # UTF-8 names keep their split

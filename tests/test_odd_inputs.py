@@ -1,13 +1,23 @@
 """The last inputs that used to surprise: each is refused as a DataError or CheckpointError naming the file
 and the member, field or keys at fault, and a header that declares more than its file holds allocates nothing."""
+import io
+import json
+import os
 import pickle
+import re
 import struct
+import subprocess
+import sys
+import textwrap
 import tracemalloc
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from test_train import tiny_cfg
 
 
 def batch_bytes(labels=(1, 2)):
@@ -162,3 +172,61 @@ def test_a_header_that_declares_a_gigabyte_allocates_nothing_before_it_is_refuse
     finally:
         tracemalloc.stop()
     assert peak < 8 << 20, f"{peak:,} bytes allocated"
+
+
+DEEP_CHILD = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    from nbloader import load_notebook
+    nb = load_notebook()
+    found = {{}}
+    for case, load in (("val_data", lambda: nb.read_source((sys.argv[1] + "/val_data", None))),
+                       ("zip member", lambda: nb.read_source((sys.argv[1] + "/Imagenet64_val.zip", "val_data"))),
+                       ("checkpoint", lambda: nb.load_weights_file(sys.argv[1] + "/deep.pth", max_bytes=10**8))):
+        try:
+            load()
+            found[case] = "loaded"
+        except Exception as e:
+            found[case] = f"{{type(e).__name__}}: {{e}}"
+        print(case, "done", flush=True)
+    print(json.dumps(found))
+""")
+
+
+def test_deeply_nested_pickles_are_refused_before_they_crash_python(tmp_path):
+    """200,000 tuples in tuples as a dict key: hashing it recurses in C past the stack (a segfault, no global
+    needed); the opcodes are read first and the file is refused by name. In a child process: the crash it was."""
+    deep = b"\x80\x02}" + b")" + b"\x85" * 200_000 + b"K\x01s."
+    (tmp_path / "val_data").write_bytes(deep)
+    zip_with(tmp_path / "Imagenet64_val.zip", [(zipfile.ZipInfo("val_data"), deep)])
+    torch.save({"w": torch.zeros(2)}, tmp_path / "plain.pth")
+    with zipfile.ZipFile(tmp_path / "plain.pth") as src, zipfile.ZipFile(tmp_path / "deep.pth", "w") as out:
+        for info in src.infolist():   # torch.save's archive with its data.pkl replaced, stored as torch stores it
+            out.writestr(info, deep if info.filename.endswith("/data.pkl") else src.read(info))
+    script = DEEP_CHILD.format(tests=str(Path(__file__).resolve().parent))
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, f"exit {out.returncode} after {out.stdout.split()[-2:]}: {out.stderr[-2000:]}"
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    nested = r"builds containers nested 101 deep, more than the 100 allowed"
+    assert re.fullmatch(rf"DataError: {tmp_path}/val_data: {nested}.*", found["val_data"]), found
+    assert re.fullmatch(rf"DataError: {tmp_path}/Imagenet64_val.zip:val_data: {nested}.*", found["zip member"]), found
+    assert re.fullmatch(rf"CheckpointError: checkpoint {tmp_path}/deep.pth .*plain/data.pkl {nested}.*",
+                        found["checkpoint"]), found
+
+
+def test_real_files_nest_far_below_the_limit(nb, tmp_path):
+    """The margin: a batch in every protocol and the official Python 2 layout nest 5 deep, torch.save's
+    checkpoints of this notebook 5 (a backbone) and 8 (a training checkpoint, optimizer and config included)."""
+    from test_sources import python2_batch_pickle
+    batch = {"data": np.zeros((2, 12288), np.uint8), "labels": [1, 2], "mean": np.zeros(12288)}
+    blobs = [pickle.dumps(batch, protocol) for protocol in (2, 3, 4, 5)] + [python2_batch_pickle(batch)]
+    assert [nb.pickle_depth(io.BytesIO(blob)) for blob in blobs] == [5] * 5
+    demo = Path(__file__).resolve().parent.parent / "checkpoints" / "demo_vit_tiny8.pth"
+    assert nb.archive_pickle_depth(demo) == 5
+    trainer = nb.DINOTrainer(tiny_cfg(nb, tmp_path), 16, torch.device("cpu"))
+    for parameter in trainer.student.parameters():   # one AdamW step fills the optimizer's state, as training does
+        parameter.grad = torch.zeros_like(parameter)
+    trainer.optimizer.step()
+    torch.save(nb.trainer_state(trainer), tmp_path / "last.pth")
+    assert nb.archive_pickle_depth(tmp_path / "last.pth") == 8

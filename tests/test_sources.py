@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 import zipfile
 import zlib
 from pathlib import Path
@@ -347,3 +348,37 @@ def test_object_arrays_in_pickles_are_refused(nb, tmp_path):
     (tmp_path / "r" / "val_data").write_bytes(pickle.dumps(batch, protocol=2))
     with pytest.raises(nb.DataError, match=r"val_data: not a readable.*object arrays are not allowed"):
         nb.ImageNet64(tmp_path / "r", "val", cache_dir=tmp_path / "c")
+
+
+def array_call(call, shape, typecode):
+    """A batch whose 'data' is one call of a numpy global (REDUCE, or NEWOBJ: `cls.__new__(cls, *args)`)."""
+    def item(value):
+        return pickle.dumps(value, 2)[2:-1]   # without PROTO and STOP
+    if call == "_reconstruct":
+        data = b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n" + item(shape) + item(typecode) + b"tR"
+    else:
+        data = b"cnumpy\nndarray\n(" + item(shape) + item(typecode) + (b"t\x81" if "NEWOBJ" in call else b"tR")
+    return b"\x80\x02}(X\x04\x00\x00\x00data" + data + b"X\x06\x00\x00\x00labels]u."
+
+
+@pytest.mark.parametrize("call, shape, typecode, said", [
+    ("numpy.ndarray", (30_000_000,), "O", "object arrays are not allowed"),
+    ("numpy.ndarray NEWOBJ", (30_000_000,), "O", "object arrays are not allowed"),
+    ("_reconstruct", (30_000_000,), b"O", "object arrays are not allowed"),
+    ("numpy.ndarray", (2_000_000_000,), "u1", r"would take 2,000,000,000 bytes, more than the 1,600,666,880 a source"),
+    ("numpy.ndarray NEWOBJ", (200_000, 200_000), "<f8", r"would take 320,000,000,000 bytes"),
+])
+def test_array_constructors_check_dtype_and_size_before_allocating(nb, tmp_path, call, shape, typecode, said):
+    """A 70-byte file could ask numpy.ndarray or _reconstruct for 30 million object slots (or gigabytes of
+    pixels) by a typecode, past numpy.dtype's check: refused when the global is called, before allocating."""
+    path = tmp_path / "train_data_batch_1"
+    path.write_bytes(array_call(call, shape, typecode))
+    assert len(path.read_bytes()) < 150
+    tracemalloc.start()
+    try:
+        with pytest.raises(nb.DataError, match=rf"{path}: not a readable ImageNet-64 batch .*{said}"):
+            nb.read_source((path, None))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak:,} bytes allocated"
