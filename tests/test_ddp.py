@@ -57,3 +57,41 @@ def test_two_cpu_ranks_match_each_other_and_one_process(nb, tmp_path):
     # finished: no teacher.pth)
     assert sorted(p.name for p in ddp.iterdir()) == ["last.pth", "log.jsonl", "settings.json",
                                                      "teacher_rank0.pt", "teacher_rank1.pt", "train.lock"]
+
+
+RANK_SCRIPT = """
+import os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from nbloader import load_notebook
+from test_train import tiny_cfg
+nb = load_notebook()
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+cfg = tiny_cfg(nb, __import__("pathlib").Path({tmp!r}))
+trainer = nb.DINOTrainer(cfg, 16, torch.device("cpu"), rank, 2)
+if rank == 1:
+    trainer.finite.fill_(False)   # as if this rank's loss had been non-finite since the last check
+images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+try:
+    nb.train_step(trainer, images, read=True)
+    said = "went on"
+except nb.NonFiniteLoss as error:
+    said = f"stopped: {{error}}"
+open(os.path.join({tmp!r}, f"rank{{rank}}.txt"), "w").write(said)   # one file each: printed lines interleave
+del trainer   # the DDP wrapper goes before its process group
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Each rank's flag alone would stop rank 1 and leave rank 0 waiting in the next all-reduce."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT.format(tests=str(Path(__file__).resolve().parent), tmp=str(tmp_path)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    said = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert all(line.startswith("stopped: non-finite loss at step 0") for line in said), said
