@@ -189,6 +189,52 @@ def test_a_stride_0_moment_falls_back_and_training_goes_on(nb, run, tmp_path):
     assert t.step == 3
 
 
+def numpy_keys_as_list(s):
+    name, keys, *rest = s["rng"]["numpy"]
+    s["rng"]["numpy"] = (name, keys.tolist(), *rest)
+
+
+def swap_in(entry, make):
+    """Replace the first tensor of state[entry] by make(it)."""
+    return lambda s: s[entry].update({(key := next(iter(s[entry]))): make(s[entry][key])})
+
+
+# Parts restored after the models: each checked before anything is loaded, refused by name
+BAD_PARTS = [
+    (numpy_keys_as_list, r"rng: the NumPy state does not fit \(TypeError: its key is not a tensor"),
+    (lambda s: s["rng"].update(python=(3, (1, 2), None)), r"rng: the Python state does not fit \(ValueError"),
+    (lambda s: s["rng"].update(torch=s["rng"]["torch"][:100]), r"rng: the PyTorch state does not fit a generator"),
+    (lambda s: s["rng"].update(cuda=[5]), r"rng: the CUDA \(GPU 0\) state is a int, not a 1-D uint8 tensor"),
+    (lambda s: s.update(augment={"generator": 5}), r"augment is a int, not a 1-D uint8 tensor"),
+    (lambda s: s.update(augment={"generator": s["augment"]["generator"][:-1]}), r"augment does not fit a generator"),
+    (lambda s: s.update(augment={}), r"augment is not a dict of the generator's state"),
+    (lambda s: s.update(scaler={"scale": 1.0}), r"scaler is not GradScaler's state"),
+    (lambda s: s.pop("rng"), r"has no \['rng'\] entries"),
+    (swap_in("student", lambda t: torch.empty(t.shape, device="meta")),
+     r"\(student\): backbone.cls_token is a tensor on the meta device"),
+    (swap_in("teacher", lambda t: t.to_sparse()), r"\(teacher\): backbone.cls_token is a torch.sparse_coo tensor"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_PARTS)
+def test_every_part_is_checked_before_anything_is_restored(nb, run, tmp_path, trainer, change, message):
+    _, run_dir = fresh_copy(run, tmp_path, last=edited(run, change))
+    before = whole_state(nb, trainer)
+    with pytest.raises(nb.CheckpointError, match=message) as error:
+        nb.load_checkpoint(trainer, run_dir / "last.pth")
+    assert str(run_dir / "last.pth") in str(error.value)
+    assert unchanged(nb, trainer, before)   # models, optimizer, centre, augmentation, random states, step
+
+
+@pytest.mark.parametrize("change,message", [BAD_PARTS[0], BAD_PARTS[4], BAD_PARTS[9]])
+def test_a_bad_part_falls_back_to_the_previous_checkpoint(nb, run, tmp_path, change, message):
+    cfg, run_dir = fresh_copy(run, tmp_path, last=edited(run, change))
+    t = nb.DINOTrainer(cfg, 16, CPU)
+    with pytest.warns(UserWarning, match=message):
+        assert nb.resume(t, run_dir, lambda *a: None)[0] == run_dir / "last.prev.pth"
+    assert t.step == 2
+
+
 def permuted_params(s):
     params = s["optimizer"]["param_groups"][0]["params"]
     params[0], params[1] = params[1], params[0]
@@ -225,6 +271,20 @@ def test_the_per_step_settings_stay_the_trainers(nb, run, tmp_path):
     t = nb.DINOTrainer(cfg, 16, CPU)
     nb.load_checkpoint(t, run_dir / "last.pth")
     assert t.step == 3 and all(float(g["lr"]) == 0.0 and g["weight_decay"] == 0.0 for g in t.optimizer.param_groups)
+
+
+def test_a_scalers_state_is_checked_against_this_trainers_scaler(nb, tmp_path):
+    scaler = torch.amp.GradScaler("cpu")
+    good = scaler.state_dict()
+    nb.check_scaler_state(good, scaler, "x.pth")
+    nb.check_scaler_state({}, scaler, "x.pth")   # a run without float16: the scaler starts fresh
+    for change, message in [(dict(growth_factor=3.0), r"x.pth: scaler has growth_factor=3.0, this trainer's "
+                                                      r"GradScaler growth_factor=2.0"),
+                            (dict(scale=float("nan")), r"scale nan"), (dict(_growth_tracker=2000), r"tracker 2000"),
+                            (dict(scale=-1.0), r"scale -1.0")]:
+        with pytest.raises(nb.CheckpointError, match=message):
+            nb.check_scaler_state({**good, **change}, scaler, "x.pth")
+    nb.check_scaler_state({**good, "growth_factor": 3.0}, torch.amp.GradScaler("cpu", enabled=False), "x.pth")
 
 
 def test_size_bound_comes_from_the_architecture(nb, run, tmp_path):
