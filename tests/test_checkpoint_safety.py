@@ -1,10 +1,12 @@
 """Checkpoints are read as untrusted files and written so that nothing can redirect or half-finish them:
 damaged files are named and the run falls back to its newest intact checkpoint, failed writes keep the
 previous file, planted links are never followed, and a resume checks everything it restores."""
+import copy
 import dataclasses
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 import zipfile
@@ -124,6 +126,165 @@ def test_another_architecture_is_refused_not_skipped(nb, run, tmp_path):
     cfg, run_dir = fresh_copy(run, tmp_path)
     with pytest.raises(ValueError, match=r"last.pth.*out_dim: checkpoint 64 vs config 32"):
         nb.resume(nb.DINOTrainer(dataclasses.replace(cfg, out_dim=32), 16, CPU), run_dir, print)
+
+
+def first_moments(state):
+    """AdamW's state of the first parameter that has one (the class token): step, exp_avg, exp_avg_sq."""
+    return state["optimizer"]["state"][min(state["optimizer"]["state"])]
+
+
+def set_moment(key, make):
+    return lambda s: first_moments(s).update({key: make(first_moments(s)[key])})
+
+
+def group(index, **changes):
+    return lambda s: s["optimizer"]["param_groups"][index].update(changes)
+
+
+def whole_state(nb, trainer):
+    """Everything a resume may change, copied: the trainer's state (with the global random states) and step."""
+    return copy.deepcopy(nb.trainer_state(trainer)), random.getstate(), trainer.step
+
+
+def unchanged(nb, trainer, before):
+    state, python, step = whole_state(nb, trainer)
+    return (nb.largest_difference(before[0], state) == 0.0 and before[0]["scaler"] == state["scaler"]
+            and python == before[1] and step == before[2])
+
+
+# What the fused AdamW step would write through or past (a 0-dim or stride-0 moment: heap corruption), or
+# would cast (float64) or stumble on (an extra moment), each refused by name with its shape or strides
+BAD_MOMENTS = [
+    (set_moment("exp_avg", lambda m: torch.zeros(())), r"parameter 0\): exp_avg has shape \(\) \(strides \(\)\), "
+                                                       r"its parameter has shape \(1, 1, 192\)"),
+    (set_moment("exp_avg_sq", lambda m: torch.zeros(1).expand(m.shape)),
+     r"parameter 0\): exp_avg_sq is not contiguous \(shape \(1, 1, 192\), strides \(0, 0, 0\)\)"),
+    (set_moment("exp_avg", lambda m: m.double()), r"parameter 0\): exp_avg has dtype torch.float64, expected "
+                                                  r"torch.float32"),
+    (set_moment("exp_avg", lambda m: m.reshape(192, 1, 1)), r"exp_avg has shape \(192, 1, 1\)"),
+    (lambda s: first_moments(s).update(max_exp_avg_sq=torch.zeros(1, 1, 192)),
+     r"holds \['exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', 'step'\], AdamW keeps"),
+    (set_moment("step", lambda m: torch.tensor(7.0)), r"AdamW's step 7.0 is not a count of 0..3 steps"),
+    (set_moment("exp_avg_sq", lambda m: -m - 1), r"exp_avg_sq holds negative values"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_MOMENTS)
+def test_a_moment_the_fused_step_cannot_use_is_refused(nb, run, tmp_path, trainer, change, message):
+    _, run_dir = fresh_copy(run, tmp_path, last=edited(run, change))
+    before = whole_state(nb, trainer)
+    with pytest.raises(nb.CheckpointError, match=message) as error:
+        nb.load_checkpoint(trainer, run_dir / "last.pth")
+    assert str(run_dir / "last.pth") in str(error.value)
+    assert unchanged(nb, trainer, before)
+
+
+def test_a_stride_0_moment_falls_back_and_training_goes_on(nb, run, tmp_path):
+    cfg, run_dir = fresh_copy(run, tmp_path, last=edited(run, BAD_MOMENTS[1][0]))
+    t = nb.DINOTrainer(cfg, 16, CPU)
+    with pytest.warns(UserWarning, match=BAD_MOMENTS[1][1]):
+        assert nb.resume(t, run_dir, lambda *a: None)[0] == run_dir / "last.prev.pth"
+    assert t.step == 2
+    nb.train_step(t, torch.from_numpy(Data().images[:4]))
+    assert t.step == 3
+
+
+def numpy_keys_as_list(s):
+    name, keys, *rest = s["rng"]["numpy"]
+    s["rng"]["numpy"] = (name, keys.tolist(), *rest)
+
+
+def swap_in(entry, make):
+    """Replace the first tensor of state[entry] by make(it)."""
+    return lambda s: s[entry].update({(key := next(iter(s[entry]))): make(s[entry][key])})
+
+
+# Parts restored after the models: each checked before anything is loaded, refused by name
+BAD_PARTS = [
+    (numpy_keys_as_list, r"rng: the NumPy state does not fit \(TypeError: its key is not a tensor"),
+    (lambda s: s["rng"].update(python=(3, (1, 2), None)), r"rng: the Python state does not fit \(ValueError"),
+    (lambda s: s["rng"].update(torch=s["rng"]["torch"][:100]), r"rng: the PyTorch state does not fit a generator"),
+    (lambda s: s["rng"].update(cuda=[5]), r"rng: the CUDA \(GPU 0\) state is a int, not a 1-D uint8 tensor"),
+    (lambda s: s.update(augment={"generator": 5}), r"augment is a int, not a 1-D uint8 tensor"),
+    (lambda s: s.update(augment={"generator": s["augment"]["generator"][:-1]}), r"augment does not fit a generator"),
+    (lambda s: s.update(augment={}), r"augment is not a dict of the generator's state"),
+    (lambda s: s.update(scaler={"scale": 1.0}), r"scaler is not GradScaler's state"),
+    (lambda s: s.pop("rng"), r"has no \['rng'\] entries"),
+    (swap_in("student", lambda t: torch.empty(t.shape, device="meta")),
+     r"\(student\): backbone.cls_token is a tensor on the meta device"),
+    (swap_in("teacher", lambda t: t.to_sparse()), r"\(teacher\): backbone.cls_token is a torch.sparse_coo tensor"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_PARTS)
+def test_every_part_is_checked_before_anything_is_restored(nb, run, tmp_path, trainer, change, message):
+    _, run_dir = fresh_copy(run, tmp_path, last=edited(run, change))
+    before = whole_state(nb, trainer)
+    with pytest.raises(nb.CheckpointError, match=message) as error:
+        nb.load_checkpoint(trainer, run_dir / "last.pth")
+    assert str(run_dir / "last.pth") in str(error.value)
+    assert unchanged(nb, trainer, before)   # models, optimizer, centre, augmentation, random states, step
+
+
+@pytest.mark.parametrize("change,message", [BAD_PARTS[0], BAD_PARTS[4], BAD_PARTS[9]])
+def test_a_bad_part_falls_back_to_the_previous_checkpoint(nb, run, tmp_path, change, message):
+    cfg, run_dir = fresh_copy(run, tmp_path, last=edited(run, change))
+    t = nb.DINOTrainer(cfg, 16, CPU)
+    with pytest.warns(UserWarning, match=message):
+        assert nb.resume(t, run_dir, lambda *a: None)[0] == run_dir / "last.prev.pth"
+    assert t.step == 2
+
+
+def permuted_params(s):
+    params = s["optimizer"]["param_groups"][0]["params"]
+    params[0], params[1] = params[1], params[0]
+
+
+# AdamW's hyperparameters: gradient ascent, a NaN beta, a moment AdamW would then look for, other parameters
+BAD_GROUPS = [
+    (group(0, maximize=True), r"optimizer group 0 has maximize=True, this trainer's AdamW maximize=False"),
+    (group(1, betas=(float("nan"), 0.999)), r"optimizer group 1 has betas=\(nan, 0.999\), this trainer's AdamW "
+                                            r"betas=\(0.9, 0.999\)"),
+    (group(0, amsgrad=True), r"optimizer group 0 has amsgrad=True, this trainer's AdamW amsgrad=False"),
+    (group(0, eps=1), r"optimizer group 0 has eps=1, this trainer's AdamW eps=1e-08"),
+    (group(1, fused=None), r"optimizer group 1 has fused=None, this trainer's AdamW fused=True"),
+    (group(0, momentum=0.9), r"optimizer group 0 holds \[.*'momentum'.*\], AdamW's groups hold"),
+    (permuted_params, r"optimizer group 0 has params=\[1, 0, 2, 3, 4, 5, \.\.\.\], this trainer's AdamW "
+                      r"params=\[0, 1, 2, 3, 4, 5, \.\.\.\]"),
+    (lambda s: s["optimizer"]["param_groups"].pop(), r"1 optimizer parameter groups, this trainer's AdamW has 2"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_GROUPS)
+def test_optimizer_hyperparameters_must_be_this_trainers(nb, run, tmp_path, trainer, change, message):
+    _, run_dir = fresh_copy(run, tmp_path, last=edited(run, change))
+    before = whole_state(nb, trainer)
+    with pytest.raises(nb.CheckpointError, match=message) as error:
+        nb.load_checkpoint(trainer, run_dir / "last.pth")
+    assert str(run_dir / "last.pth") in str(error.value)
+    assert unchanged(nb, trainer, before)
+
+
+def test_the_per_step_settings_stay_the_trainers(nb, run, tmp_path):
+    """lr and weight decay come from the schedules at every step: the file's are neither checked nor loaded."""
+    cfg, run_dir = fresh_copy(run, tmp_path, last=edited(run, group(0, lr=torch.tensor(123.0), weight_decay=7.0)))
+    t = nb.DINOTrainer(cfg, 16, CPU)
+    nb.load_checkpoint(t, run_dir / "last.pth")
+    assert t.step == 3 and all(float(g["lr"]) == 0.0 and g["weight_decay"] == 0.0 for g in t.optimizer.param_groups)
+
+
+def test_a_scalers_state_is_checked_against_this_trainers_scaler(nb, tmp_path):
+    scaler = torch.amp.GradScaler("cpu")
+    good = scaler.state_dict()
+    nb.check_scaler_state(good, scaler, "x.pth")
+    nb.check_scaler_state({}, scaler, "x.pth")   # a run without float16: the scaler starts fresh
+    for change, message in [(dict(growth_factor=3.0), r"x.pth: scaler has growth_factor=3.0, this trainer's "
+                                                      r"GradScaler growth_factor=2.0"),
+                            (dict(scale=float("nan")), r"scale nan"), (dict(_growth_tracker=2000), r"tracker 2000"),
+                            (dict(scale=-1.0), r"scale -1.0")]:
+        with pytest.raises(nb.CheckpointError, match=message):
+            nb.check_scaler_state({**good, **change}, scaler, "x.pth")
+    nb.check_scaler_state({**good, "growth_factor": 3.0}, torch.amp.GradScaler("cpu", enabled=False), "x.pth")
 
 
 def test_size_bound_comes_from_the_architecture(nb, run, tmp_path):
