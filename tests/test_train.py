@@ -385,3 +385,26 @@ def test_a_checkpoint_from_another_device_steps_here(nb, tmp_path):
     assert all(g["capturable"] is False and g["lr"] is t.now["lr"] and g["weight_decay"] == 0.0
                for g in t.optimizer.param_groups)
     assert t.now["lr"].item() == pytest.approx(stats["lr"])
+
+
+def test_a_resumed_rank_other_than_0_draws_its_own_random_streams(nb, tmp_path):
+    """A checkpoint holds rank 0's generators. Under DDP every rank resumed from it, so all of them drew
+    rank 0's crops: now rank 0 restores them, and another rank reseeds from (seed, rank, step), the same
+    each time it resumes at that step."""
+    data = Data()
+    cfg = tiny_cfg(nb, tmp_path)
+    nb.train_dino(cfg, data, data, torch.device("cpu"), max_steps=3, progress=False)
+    saved = torch.load(tmp_path / "ck" / cfg.run_name / "last.pth", weights_only=True)
+    resumed = {}
+    for rank in (0, 1, 1, 2):
+        trainer = nb.DINOTrainer(cfg, len(data), torch.device("cpu"), rank=rank)   # one process: the loading alone
+        nb.load_checkpoint(trainer, tmp_path / "ck" / cfg.run_name / "last.pth")
+        streams = (trainer.augment.generator.get_state(), torch.get_rng_state(), np.random.get_state()[1].copy())
+        assert trainer.step == 3
+        resumed.setdefault(rank, []).append(streams)
+    assert torch.equal(resumed[0][0][0], saved["augment"]["generator"])
+    assert torch.equal(resumed[0][0][1], saved["rng"]["torch"])
+    first, again = resumed[1]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again))   # reproducible
+    for other in (resumed[0][0], resumed[2][0]):
+        assert not any(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, other))   # its own
