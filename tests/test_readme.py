@@ -61,7 +61,7 @@ def setup_notebook(path):
     cells, kept = NOTEBOOK["cells"], []
     for cell in cells:
         kept.append(cell)
-        if "".join(cell["source"]).startswith("cfg = make_config(profile"):
+        if "".join(cell["source"]).startswith("cfg = config_from_parameters(profile"):
             break
     path.write_text(json.dumps({**NOTEBOOK, "cells": kept}))
     return path
