@@ -73,8 +73,9 @@ trainer = nb.DINOTrainer(cfg, 16, torch.device("cpu"), rank, 2)
 if rank == 1:
     trainer.finite.fill_(False)   # as if this rank's loss had been non-finite since the last check
 images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+nb.train_step(trainer, images, read=False)   # a step whose figures are not read: no check yet
 try:
-    nb.train_step(trainer, images, read=True)
+    nb.check_finite(trainer)   # what rank 0's save and every rank's epoch end do
     said = "went on"
 except nb.NonFiniteLoss as error:
     said = f"stopped: {{error}}"
@@ -86,7 +87,8 @@ dist.destroy_process_group()
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
-    """Each rank's flag alone would stop rank 1 and leave rank 0 waiting in the next all-reduce."""
+    """Each rank's flag alone would stop rank 1 and leave rank 0 waiting in the next all-reduce, or saving
+    weights the NaN reached through the averaged gradients; the flags are shared at every step."""
     script = tmp_path / "ranks.py"
     script.write_text(RANK_SCRIPT.format(tests=str(Path(__file__).resolve().parent), tmp=str(tmp_path)))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
