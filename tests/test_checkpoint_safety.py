@@ -438,3 +438,28 @@ def test_largest_difference_walks_nested_states_in_order(nb):
         nb.largest_difference(a, {**b, "x": torch.zeros(1)})
     with pytest.raises(ValueError, match="hold 4 and 1 tensors"):
         nb.largest_difference(a, {"x": torch.zeros(3)})
+
+
+def test_a_run_moved_to_another_device_resumes_with_a_fresh_augmentation_stream(nb, run, tmp_path):
+    """A run written on a GPU (its augmentation generator a CUDA one: 16 bytes of seed and offset) resumes on
+    a CPU: every other state is restored, and the crops restart from rank_seed (a CPU generator cannot take
+    a CUDA generator's state). On the device it was written on, the stream resumes where it was."""
+    def from_a_gpu(s):
+        s["augment"] = {"generator": torch.zeros(16, dtype=torch.uint8), "device": "cuda"}
+    cfg, run_dir = fresh_copy(run, tmp_path, last=edited(run, from_a_gpu))
+    moved = nb.DINOTrainer(cfg, 16, CPU)
+    nb.load_checkpoint(moved, run_dir / "last.pth")
+    saved = torch.load(io.BytesIO(run[2]["last.pth"]), weights_only=True)
+    assert moved.step == 3 and torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
+    expected = torch.Generator().manual_seed(nb.rank_seed(moved, 3)).get_state()
+    assert torch.equal(moved.augment.generator.get_state(), expected)
+    assert saved["augment"]["device"] == "cpu"   # what a CPU run writes
+    same = nb.DINOTrainer(cfg, 16, CPU)
+    nb.load_checkpoint(same, tmp_path / "ck" / cfg.run_name / "last.prev.pth")
+    assert torch.equal(same.augment.generator.get_state(),
+                       torch.load(io.BytesIO(run[2]["last.prev.pth"]), weights_only=True)["augment"]["generator"])
+    for bad, message in [({"generator": torch.zeros(16, dtype=torch.uint8), "device": "tpu"}, "augment is not a dict"),
+                         ({"generator": torch.zeros(4, 4, dtype=torch.uint8), "device": "cuda"}, "not a 1-D uint8")]:
+        _, bad_dir = fresh_copy(run, tmp_path / message.split()[-1], last=edited(run, lambda s: s.update(augment=bad)))
+        with pytest.raises(nb.CheckpointError, match=message):
+            nb.load_checkpoint(nb.DINOTrainer(cfg, 16, CPU), bad_dir / "last.pth")
