@@ -7,7 +7,7 @@ NOTEBOOK := dino_vit.ipynb
 EXECUTE := $(BIN)/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1 \
 	--ExecutePreprocessor.record_timing=False
 TIDY := $(BIN)/python tests/tidy_notebook.py
-PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
+PYTEST := $(BIN)/python -m pytest -p no:cacheprovider -o tmp_path_retention_policy=failed
 
 .PHONY: setup demo test notebook bench torchrun clean
 

@@ -458,6 +458,12 @@ def test_a_run_moved_to_another_device_resumes_with_a_fresh_augmentation_stream(
     nb.load_checkpoint(same, tmp_path / "ck" / cfg.run_name / "last.prev.pth")
     assert torch.equal(same.augment.generator.get_state(),
                        torch.load(io.BytesIO(run[2]["last.prev.pth"]), weights_only=True)["augment"]["generator"])
+    def from_an_older_gpu_run(s):   # written before the state named its device: told by its size
+        s["augment"] = {"generator": torch.zeros(16, dtype=torch.uint8)}
+    _, old_dir = fresh_copy(run, tmp_path / "older", last=edited(run, from_an_older_gpu_run))
+    older = nb.DINOTrainer(cfg, 16, CPU)
+    nb.load_checkpoint(older, old_dir / "last.pth")
+    assert torch.equal(older.augment.generator.get_state(), expected)
     for bad, message in [({"generator": torch.zeros(16, dtype=torch.uint8), "device": "tpu"}, "augment is not a dict"),
                          ({"generator": torch.zeros(4, 4, dtype=torch.uint8), "device": "cuda"}, "not a 1-D uint8")]:
         _, bad_dir = fresh_copy(run, tmp_path / message.split()[-1], last=edited(run, lambda s: s.update(augment=bad)))

@@ -61,6 +61,13 @@ def test_every_profile_is_valid_and_good_values_pass(nb):
     assert set(nb.CONFIG_ARCHS) == set(nb.VIT_ARCHS)   # the check knows every architecture the ViT section builds
 
 
+def test_the_yaml_hint_is_for_strings_only(nb):
+    for value, said in [(float("nan"), "not a float"), (True, "not a bool"), ("2e-3", "YAML reads 2e-3 as a string)")]:
+        with pytest.raises(nb.ConfigError) as error:
+            nb.make_config("demo", base_lr=value)
+        assert str(error.value).endswith(said), str(error.value)
+
+
 def test_the_notebook_parameters_must_be_a_mapping(nb):
     """papermill's -p overrides "{epochs: 1}" passes a string: the error says how to pass the mapping."""
     assert nb.config_from_parameters("demo", {"epochs": 1}).epochs == 1
