@@ -30,7 +30,7 @@ def launch(tmp_path, run_name, nproc, batch_size):
     settings = SETTINGS + [f"batch_size={batch_size}", f"run_name={run_name}", f"data_root={tmp_path / 'data'}",
                            f"cache_dir={tmp_path / 'cache'}", f"checkpoint_dir={tmp_path / 'ck'}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(LAUNCHER), "--profile", "demo", "--max-steps", "3", "--dump-teachers", "--set", *settings]
+           str(LAUNCHER), "--profile", "demo", "--max-steps", "4", "--dump-teachers", "--set", *settings]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -48,11 +48,15 @@ def test_two_cpu_ranks_match_each_other_and_one_process(nb, tmp_path):
     # (b) they match one process with the same global batch (8) and seed, up to float summation order
     for k in rank0:
         torch.testing.assert_close(rank0[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
-    # the teacher moved in 3 steps, so this is no comparison of two initialisations
+    # the teacher moved in 4 steps, so this is no comparison of two initialisations
     from torchrun_train import parse_overrides
     _, initial = nb.build_models(nb.make_config("demo", **parse_overrides(SETTINGS)), torch.device("cpu"))
     assert any(not torch.allclose(v, rank0[k]) for k, v in initial.state_dict().items())
-    assert torch.load(ddp / "last.pth", weights_only=True)["step"] == 3
+    assert torch.load(ddp / "last.pth", weights_only=True)["step"] == 4
+    # the first epoch (4 steps) ended with a k-NN that both ranks took part in, as at initialisation
+    evals = {run: [r for r in nb.read_log(run / "log.jsonl") if r["kind"] == "eval"] for run in (ddp, single)}
+    assert [r["step"] for r in evals[ddp]] == [r["step"] for r in evals[single]] == [0, 4]
+    assert evals[ddp][0]["knn_top1"] == evals[single][0]["knn_top1"]   # the same initialisation
     # only rank 0 wrote the checkpoint, the log and the run's settings, and held the run's lock (the run is not
     # finished: no teacher.pth)
     assert sorted(p.name for p in ddp.iterdir()) == ["last.pth", "log.jsonl", "settings.json",
@@ -97,3 +101,50 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_pat
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     said = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
     assert all(line.startswith("stopped: non-finite loss at step 0") for line in said), said
+
+
+SHARE_SCRIPT = """
+import os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from nbloader import load_notebook
+from test_eval import small_vit
+from test_train import Data
+nb = load_notebook()
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model, data = small_vit(nb, img_size=64), Data(n=9)
+seen = []
+model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+cfg = nb.make_config("demo", max_eval_images=0, knn_k=3)
+features, labels = nb.dataset_features(model, data, cfg, torch.device("cpu"), rank, 2)
+extracted = sum(seen)
+knn = nb.knn_accuracy(model, data, data, cfg, torch.device("cpu"), rank, 2)
+torch.save(dict(extracted=extracted, features=features, labels=labels, knn=knn),
+           os.path.join({tmp!r}, f"share{{rank}}.pt"))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_each_rank_extracts_its_share_of_the_evaluation_features_and_rank_0_votes(nb, tmp_path):
+    """A k-NN of the whole memory bank on rank 0 alone would leave every other GPU idle (and waiting in the
+    next all-reduce) for as long as the features of every image take; each rank extracts a share instead."""
+    from test_eval import small_vit
+    from test_train import Data
+    script = tmp_path / "share.py"
+    script.write_text(SHARE_SCRIPT.format(tests=str(Path(__file__).resolve().parent), tmp=str(tmp_path)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    shares = [torch.load(tmp_path / f"share{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert [share["extracted"] for share in shares] == [4, 5]   # 9 images: a share each, none twice
+    model, data = small_vit(nb, img_size=64), Data(n=9)
+    cfg = nb.make_config("demo", max_eval_images=0, knn_k=3)
+    features, labels = nb.dataset_features(model, data, cfg, torch.device("cpu"))
+    for share in shares:   # every rank gets every row, in order
+        assert torch.equal(share["labels"], labels)
+        torch.testing.assert_close(share["features"], features, rtol=0, atol=1e-5)
+    assert shares[0]["knn"] == nb.knn_accuracy(model, data, data, cfg, torch.device("cpu"))
+    assert shares[1]["knn"] is None
