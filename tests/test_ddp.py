@@ -148,3 +148,48 @@ def test_each_rank_extracts_its_share_of_the_evaluation_features_and_rank_0_vote
         torch.testing.assert_close(share["features"], features, rtol=0, atol=1e-5)
     assert shares[0]["knn"] == nb.knn_accuracy(model, data, data, cfg, torch.device("cpu"))
     assert shares[1]["knn"] is None
+
+
+def rank_pid(rank, marker):
+    """The PID of the torchrun worker of `rank` whose command line holds `marker`."""
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if marker.encode() in b" ".join(command) and str(LAUNCHER).encode() in command \
+                and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+def test_a_ctrl_c_on_any_rank_stops_every_rank_at_the_same_step_and_rank_0_saves(nb, tmp_path):
+    """A Ctrl-C seen by one rank alone stopped that rank and left rank 0 in the next all-reduce, to fail there
+    without saving; now any rank's is agreed on the next logged step, every rank stops there, rank 0 saves."""
+    import signal
+    import time
+    write_imagenet64(tmp_path / "data")
+    run_name = f"interrupted-{os.getpid()}"
+    settings = SETTINGS + ["batch_size=4", "epochs=500", "eval_every_epochs=500", f"run_name={run_name}",
+                           f"data_root={tmp_path / 'data'}", f"cache_dir={tmp_path / 'cache'}",
+                           f"checkpoint_dir={tmp_path / 'ck'}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(LAUNCHER),
+           "--profile", "demo", "--set", *settings]
+    run_dir = tmp_path / "ck" / run_name
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            deadline = time.monotonic() + 300
+            while not ((run_dir / "log.jsonl").exists() and (run_dir / "log.jsonl").read_text().count('"step"') > 3):
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "out.txt").read_text()[-3000:]
+                time.sleep(0.2)
+            os.kill(rank_pid(1, run_name), signal.SIGINT)   # rank 1 alone
+            proc.wait(timeout=300)
+        finally:
+            proc.kill()
+    said = (tmp_path / "out.txt").read_text()
+    steps = [r["step"] for r in nb.read_log(run_dir / "log.jsonl") if r["kind"] == "step"]
+    assert torch.load(run_dir / "last.pth", weights_only=True)["step"] == steps[-1] < 2000, said[-3000:]
+    assert said.count(f"KeyboardInterrupt: interrupted at step {steps[-1]}") == 2, said[-3000:]   # both ranks
+

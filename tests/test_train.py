@@ -294,14 +294,15 @@ def test_other_settings_train_in_their_own_folder(nb, tmp_path):
     assert len(other) == 1 and (other[0] / "teacher.pth").exists() and trainer.epoch == trainer.cfg.epochs
 
 
-def test_interrupt_saves_then_stops_and_resumes(nb, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])   # Ctrl-C; kill, a cluster's preemption
+def test_interrupt_saves_then_stops_and_resumes(nb, tmp_path, monkeypatch, signal_number):
     cfg = tiny_cfg(nb, tmp_path)
     data = Data()
     real_step = nb.train_step
 
     def interrupted_at_step_2(t, images, diagnostics=False):
         if t.step == 2:
-            os.kill(os.getpid(), signal.SIGINT)   # arrives in the middle of the step
+            os.kill(os.getpid(), signal_number)   # arrives in the middle of the step
         return real_step(t, images, diagnostics)
     monkeypatch.setattr(nb, "train_step", interrupted_at_step_2)
     with pytest.raises(KeyboardInterrupt, match="step 3"):
@@ -309,8 +310,9 @@ def test_interrupt_saves_then_stops_and_resumes(nb, tmp_path, monkeypatch):
     monkeypatch.undo()
     state = torch.load(tmp_path / "ck" / cfg.run_name / "last.pth", weights_only=True)
     assert state["step"] == 3 and state["batch_in_epoch"] == 3
+    handler = signal.getsignal(signal_number)
     t, _ = nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
-    assert t.step == 8
+    assert t.step == 8 and signal.getsignal(signal_number) is handler   # the handler given back after the run
 
 
 def test_a_flat_folder_trains_and_says_evaluation_is_skipped(nb, tmp_path, capsys):
