@@ -315,6 +315,40 @@ def test_interrupt_saves_then_stops_and_resumes(nb, tmp_path, monkeypatch, signa
     assert t.step == 8 and signal.getsignal(signal_number) is handler   # the handler given back after the run
 
 
+def test_max_steps_already_reached_trains_no_further(nb, tmp_path):
+    cfg, data = tiny_cfg(nb, tmp_path), Data()
+    nb.train_dino(cfg, data, data, torch.device("cpu"), max_steps=3, progress=False)
+    last = tmp_path / "ck" / cfg.run_name / "last.pth"
+    written = last.read_bytes()
+    for max_steps in (3, 2):   # a second call, or a smaller bound: it stopped after one more step each time
+        trainer, _ = nb.train_dino(cfg, data, data, torch.device("cpu"), max_steps=max_steps, progress=False)
+        assert trainer.step == 3 and last.read_bytes() == written
+
+
+def test_a_checkpoint_of_another_number_of_processes_is_refused_not_taken_for_damaged(nb, tmp_path):
+    """Its step stands for another point of the schedule (global batch, steps per epoch, lr): 2 processes resuming
+    a run of 1 took its step 10 for damage (outside 0..8), fell back to last.prev.pth and called the run done."""
+    cfg, data = tiny_cfg(nb, tmp_path), Data()
+    nb.train_dino(cfg, data, data, torch.device("cpu"), max_steps=5, progress=False)
+    run_dir = tmp_path / "ck" / cfg.run_name
+    state = torch.load(run_dir / "last.pth", weights_only=True)
+    assert state["world_size"] == 1
+    for written, refusal in ((2, nb.ConfigError), ("2", nb.CheckpointError)):
+        state["world_size"] = written
+        torch.save(state, run_dir / "last.pth")
+        trainer = nb.DINOTrainer(cfg, len(data), torch.device("cpu"))
+        with pytest.raises(refusal, match=r"2 process\(es\), a global batch of 8; this one has 1\. Resume it "
+                           r"with torchrun --nproc_per_node=2" if written == 2 else "'2' is not a number"):
+            nb.read_training_checkpoint(trainer, run_dir / "last.pth")
+        assert trainer.step == 0
+    state["world_size"] = 2
+    torch.save(state, run_dir / "last.pth")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    with pytest.raises(nb.ConfigError, match="--nproc_per_node=2"):   # no fall-back to last.prev.pth
+        nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
 def test_a_flat_folder_trains_and_says_evaluation_is_skipped(nb, tmp_path, capsys):
     data = Data()
     data.has_labels, data.root = False, tmp_path / "flat"
