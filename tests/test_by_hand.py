@@ -206,4 +206,24 @@ def test_a_refused_checkpoint_leaves_the_next_cell_a_clear_error(interrupted_and
     assert error is not None and "does not fit" in error
     error, _ = kernel.run(next_cell)
     assert error is not None and "no teacher loaded" in error
+    features_cell, table_cell = (next(src for src in evaluation
+                                      if mark in src and not src.lstrip().startswith(EXPORT_MARK))
+                                 for mark in ("eval_features = {model_name", "eval_results, width"))
+    error, _ = kernel.run(features_cell)   # no teacher: the table's cell is told, not given an empty table
+    assert error is not None and "no teacher loaded" in error
+    error, _ = kernel.run(table_cell)
+    assert error is not None and "no features (the cell above) loaded" in error
     kernel.run_ok("cfg = make_config(profile, **overrides)")
+
+
+def test_a_refused_setting_leaves_no_old_config_for_the_cells_below(interrupted_and_straight_runs):
+    """The Setup cell refuses epochs=0; the training cell ran on the config from before, silently."""
+    kernel, train_cell = interrupted_and_straight_runs["kernel"], interrupted_and_straight_runs["train_cell"]
+    setup_cell = next(src for src in SECTIONS[0][1] if src.startswith("cfg = ") and "config_from_parameters(" in src)
+    kernel.run_ok("good_overrides, overrides = overrides, {**overrides, 'epochs': 0}")
+    error, _ = kernel.run(setup_cell)
+    assert error is not None and error.startswith("ConfigError: Config.epochs=0")
+    error, _ = kernel.run(train_cell)
+    assert error is not None and "no config (Setup) loaded" in error
+    kernel.run_ok("overrides = good_overrides")
+    kernel.run_ok(setup_cell)
