@@ -444,3 +444,36 @@ def test_a_resumed_rank_other_than_0_draws_its_own_random_streams(nb, tmp_path):
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again))   # reproducible
     for other in (resumed[0][0], resumed[2][0]):
         assert not any(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, other))   # its own
+
+
+def test_a_second_ctrl_c_while_the_checkpoint_is_written_waits_for_the_file(nb, tmp_path, monkeypatch):
+    """The second Ctrl-C stops at once, but not in the middle of a save: that gave an error of torch's writer
+    ("unexpected pos") and no checkpoint of the step."""
+    cfg, data = tiny_cfg(nb, tmp_path), Data()
+    real_step, real_save = nb.train_step, torch.save
+
+    def interrupted_at_step_2(t, images, diagnostics=False):
+        if t.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(t, images, diagnostics)
+
+    def save_interrupted_again(state, f):
+        os.kill(os.getpid(), signal.SIGINT)   # the second Ctrl-C, as the file is being written
+        return real_save(state, f)
+    monkeypatch.setattr(nb, "train_step", interrupted_at_step_2)
+    monkeypatch.setattr(torch, "save", save_interrupted_again)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
+    monkeypatch.undo()
+    assert not isinstance(stopped.value.__context__, RuntimeError)
+    assert torch.load(tmp_path / "ck" / cfg.run_name / "last.pth", weights_only=True)["step"] == 3
+
+
+def test_a_finished_run_says_it_only_loads(nb, tmp_path, capsys):
+    cfg, data = tiny_cfg(nb, tmp_path), Data()
+    nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
+    capsys.readouterr()
+    trainer, _ = nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
+    said = capsys.readouterr().out
+    assert trainer.step == 8 and "the run is finished (step 8, 2 epochs): loaded, nothing to train" in said
+    assert "resuming" not in said
