@@ -61,7 +61,8 @@ def setup_notebook(path):
     cells, kept = NOTEBOOK["cells"], []
     for cell in cells:
         kept.append(cell)
-        if "".join(cell["source"]).startswith("cfg = config_from_parameters(profile"):
+        lines = "".join(cell["source"]).splitlines()
+        if any(line.startswith("cfg = config_from_parameters(profile") for line in lines):
             break
     path.write_text(json.dumps({**NOTEBOOK, "cells": kept}))
     return path
