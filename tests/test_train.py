@@ -477,3 +477,12 @@ def test_a_finished_run_says_it_only_loads(nb, tmp_path, capsys):
     said = capsys.readouterr().out
     assert trainer.step == 8 and "the run is finished (step 8, 2 epochs): loaded, nothing to train" in said
     assert "resuming" not in said
+
+
+def test_a_second_interrupt_stops_at_once_and_says_what_was_kept(nb):
+    with nb.DeferredInterrupt() as interrupt:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupt.pending   # held: the step goes on
+        with pytest.raises(KeyboardInterrupt, match="a second interrupt: stopped at once.*nothing was saved since "
+                                                    "the last checkpoint, which a re-run resumes from"):
+            os.kill(os.getpid(), signal.SIGTERM)
