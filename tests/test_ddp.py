@@ -63,6 +63,16 @@ def test_two_cpu_ranks_match_each_other_and_one_process(nb, tmp_path):
                                                      "teacher_rank0.pt", "teacher_rank1.pt", "train.lock"]
 
 
+def run_two_ranks(script_text, tmp_path):
+    """Run a script (formatted with the tests' folder and tmp_path) on 2 gloo ranks under torchrun; it must pass."""
+    script = tmp_path / "ranks.py"
+    script.write_text(script_text.format(tests=str(Path(__file__).resolve().parent), tmp=str(tmp_path)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 RANK_SCRIPT = """
 import os, sys
 import torch, torch.distributed as dist
@@ -93,12 +103,7 @@ dist.destroy_process_group()
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     """Each rank's flag alone would stop rank 1 and leave rank 0 waiting in the next all-reduce, or saving
     weights the NaN reached through the averaged gradients; the flags are shared at every step."""
-    script = tmp_path / "ranks.py"
-    script.write_text(RANK_SCRIPT.format(tests=str(Path(__file__).resolve().parent), tmp=str(tmp_path)))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script)], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_ranks(RANK_SCRIPT, tmp_path)
     said = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
     assert all(line.startswith("stopped: non-finite loss at step 0") for line in said), said
 
@@ -132,12 +137,7 @@ def test_each_rank_extracts_its_share_of_the_evaluation_features_and_rank_0_vote
     next all-reduce) for as long as the features of every image take; each rank extracts a share instead."""
     from test_eval import small_vit
     from test_train import Data
-    script = tmp_path / "share.py"
-    script.write_text(SHARE_SCRIPT.format(tests=str(Path(__file__).resolve().parent), tmp=str(tmp_path)))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script)], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_ranks(SHARE_SCRIPT, tmp_path)
     shares = [torch.load(tmp_path / f"share{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert [share["extracted"] for share in shares] == [4, 5]   # 9 images: a share each, none twice
     model, data = small_vit(nb, img_size=64), Data(n=9)
