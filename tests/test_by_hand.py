@@ -91,15 +91,33 @@ def run_definitions_above(kernel, title):
                 kernel.run_ok(src)
 
 
-@pytest.mark.parametrize("title", TITLES[1:])
-def test_a_section_needs_only_the_definitions_above_it(title, shared_dirs, tmp_path):
-    kernel = start_with_setup(small_overrides(shared_dirs, tmp_path))
+def run_section_alone(title, overrides):
+    """A fresh kernel: Setup, the definitions above `title`, then every cell of the section."""
+    kernel = start_with_setup(overrides)
     try:
         run_definitions_above(kernel, title)
         for src in dict(SECTIONS)[title]:
             kernel.run_ok(src)
     finally:
         kernel.close()
+
+
+@pytest.mark.parametrize("title", [title for title in TITLES[1:] if title != "Training"])
+def test_a_section_needs_only_the_definitions_above_it(title, shared_dirs, tmp_path):
+    run_section_alone(title, small_overrides(shared_dirs, tmp_path))
+
+
+@pytest.fixture(scope="module")
+def training_section_run(shared_dirs, tmp_path_factory):
+    """The Training section alone (as the test above), whose run is also the straight run the interrupted
+    one is compared with below."""
+    root = tmp_path_factory.mktemp("straight")
+    run_section_alone("Training", small_overrides(shared_dirs, root))
+    return root / "checkpoints" / "demo"
+
+
+def test_the_training_section_needs_only_the_definitions_above_it(training_section_run):
+    assert (training_section_run / "teacher.pth").is_file()
 
 
 def section_cells(title, until=None):
@@ -117,13 +135,15 @@ TRAIN_CELL = "= train_dino(cfg, train_set"
 
 
 def start_training_kernel(overrides):
-    """A fresh kernel with Setup, the definitions above Training, and Training up to its train cell
-    (not run: returned), so that a test decides how the train cell runs."""
+    """A fresh kernel with Setup, the definitions above Training and those of Training up to its train
+    cell (not run: returned), so that a test decides how the train cell runs. The section's illustrations
+    are left out: the section's own test runs them."""
     kernel = start_with_setup(overrides)
     run_definitions_above(kernel, "Training")
     *before, train_cell = section_cells("Training", until=TRAIN_CELL)
     for src in before:
-        kernel.run_ok(src)
+        if src.lstrip().startswith(EXPORT_MARK):
+            kernel.run_ok(src)
     return kernel, train_cell
 
 
@@ -137,14 +157,11 @@ def file_hashes(folder):
 
 
 @pytest.fixture(scope="module")
-def interrupted_and_straight_runs(shared_dirs, tmp_path_factory):
-    """The same small run twice: once straight through, once interrupted (Jupyter's stop button) at
-    its first logged step and then re-run. The interrupted kernel stays up for the tests below."""
-    straight_root, interrupted_root = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("interrupted")
-    straight, train_cell = start_training_kernel(small_overrides(shared_dirs, straight_root))
-    straight.run_ok(train_cell)
-    straight.close()
-
+def interrupted_and_straight_runs(shared_dirs, tmp_path_factory, training_section_run):
+    """The same small run twice: once straight through (the Training section's run), once interrupted
+    (Jupyter's stop button) at its first logged step and then re-run. The interrupted kernel stays up
+    for the tests below."""
+    interrupted_root = tmp_path_factory.mktemp("interrupted")
     kernel, train_cell = start_training_kernel(small_overrides(shared_dirs, interrupted_root))
     log = interrupted_root / "checkpoints" / "demo" / "log.jsonl"
     msg_id = kernel.client.execute(train_cell)
@@ -158,7 +175,7 @@ def interrupted_and_straight_runs(shared_dirs, tmp_path_factory):
     interrupted_at = reply["content"].get("evalue", "")
     resumed = kernel.run_ok(train_cell)
     yield dict(kernel=kernel, train_cell=train_cell, interrupted_at=interrupted_at, resumed=resumed,
-               straight=straight_root / "checkpoints" / "demo", interrupted=interrupted_root / "checkpoints" / "demo",
+               straight=training_section_run, interrupted=interrupted_root / "checkpoints" / "demo",
                root=interrupted_root)
     kernel.close()
 
