@@ -486,3 +486,12 @@ def test_a_second_interrupt_stops_at_once_and_says_what_was_kept(nb):
         with pytest.raises(KeyboardInterrupt, match="a second interrupt: stopped at once.*nothing was saved since "
                                                     "the last checkpoint, which a re-run resumes from"):
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_run_whose_last_layer_stays_frozen_throughout_says_so(nb, tmp_path, capsys):
+    data, note = Data(), "the head's last layer keeps its initial weights throughout"
+    for epochs, freeze_last_layer, says in ((1, 1, True), (2, 1, False), (1, 0, False)):
+        cfg = tiny_cfg(nb, tmp_path / f"{epochs}-{freeze_last_layer}", epochs=epochs,
+                       freeze_last_layer=freeze_last_layer)
+        nb.train_dino(cfg, data, data, torch.device("cpu"), max_steps=1, progress=False)
+        assert (note in capsys.readouterr().out) == says, (epochs, freeze_last_layer)
