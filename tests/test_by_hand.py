@@ -244,3 +244,26 @@ def test_a_refused_setting_leaves_no_old_config_for_the_cells_below(interrupted_
     assert error is not None and "no config (Setup) loaded" in error
     kernel.run_ok("overrides = good_overrides")
     kernel.run_ok(setup_cell)
+
+
+def test_an_interrupted_kill_check_leaves_no_process_behind(interrupted_and_straight_runs):
+    """The kill check forks a training process; Jupyter's stop button while it waits left that child
+    running on, then a zombie in the kernel."""
+    import psutil
+    kernel = interrupted_and_straight_runs["kernel"]
+    kill_cell = next(src for src in section_cells("Training")
+                     if "SIGKILL" in src and not src.lstrip().startswith(EXPORT_MARK))
+    kernel_process = psutil.Process(kernel.manager.provisioner.process.pid)
+    children = lambda: {child.pid for child in kernel_process.children(recursive=True)}
+    before = children()
+    msg_id = kernel.client.execute(kill_cell)
+    deadline = time.time() + 300
+    while time.time() < deadline and not children() - before:   # the forked run has started
+        time.sleep(0.05)
+    assert children() - before, "the kill check forked no process"
+    kernel.manager.interrupt_kernel()
+    reply = kernel.client.get_shell_msg(timeout=300)
+    while reply["parent_header"].get("msg_id") != msg_id:
+        reply = kernel.client.get_shell_msg(timeout=300)
+    assert reply["content"].get("ename") == "KeyboardInterrupt"
+    assert children() == before
