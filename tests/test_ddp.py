@@ -110,7 +110,7 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_pat
 
 SHARE_SCRIPT = """
 import os, sys
-import torch, torch.distributed as dist
+import numpy as np, torch, torch.distributed as dist
 sys.path.insert(0, {tests!r})
 from nbloader import load_notebook
 from test_eval import small_vit
@@ -118,36 +118,53 @@ from test_train import Data
 nb = load_notebook()
 dist.init_process_group("gloo")
 rank = dist.get_rank()
+read, seen = [], []
+
+class Recorded(np.ndarray):   # images that note which of their rows are read
+    def __getitem__(self, key):
+        read.extend(np.arange(len(self))[key].tolist())
+        return np.asarray(self)[key]
+
 model, data = small_vit(nb, img_size=64), Data(n=9)
-seen = []
+data.images = data.images.view(Recorded)
 model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
-cfg = nb.make_config("demo", max_eval_images=0, knn_k=3)
-features, labels = nb.dataset_features(model, data, cfg, torch.device("cpu"), rank, 2)
-extracted = sum(seen)
+shares = {{}}
+for cap in (0, 6):
+    read.clear(), seen.clear()
+    cfg = nb.make_config("demo", max_eval_images=cap, knn_k=3)
+    features, labels = nb.dataset_features(model, data, cfg, torch.device("cpu"), rank, 2)
+    shares[cap] = dict(read=list(read), extracted=sum(seen), features=features, labels=labels)
 knn = nb.knn_accuracy(model, data, data, cfg, torch.device("cpu"), rank, 2)
-torch.save(dict(extracted=extracted, features=features, labels=labels, knn=knn),
-           os.path.join({tmp!r}, f"share{{rank}}.pt"))
+torch.save(dict(shares=shares, knn=knn), os.path.join({tmp!r}, f"share{{rank}}.pt"))
 dist.barrier()
 dist.destroy_process_group()
 """
 
 
-def test_each_rank_extracts_its_share_of_the_evaluation_features_and_rank_0_votes(nb, tmp_path):
+def test_each_rank_reads_and_extracts_its_share_of_the_evaluation_features_and_rank_0_votes(nb, tmp_path):
     """A k-NN of the whole memory bank on rank 0 alone would leave every other GPU idle (and waiting in the
-    next all-reduce) for as long as the features of every image take; each rank extracts a share instead."""
+    next all-reduce) for as long as the features of every image take; each rank reads and extracts a share
+    instead, and only rank 0, which votes, holds the whole bank (as the official eval_knn.py)."""
     from test_eval import small_vit
     from test_train import Data
     run_two_ranks(SHARE_SCRIPT, tmp_path)
-    shares = [torch.load(tmp_path / f"share{rank}.pt", weights_only=True) for rank in (0, 1)]
-    assert [share["extracted"] for share in shares] == [4, 5]   # 9 images: a share each, none twice
+    ranks = [torch.load(tmp_path / f"share{rank}.pt", weights_only=True) for rank in (0, 1)]
     model, data = small_vit(nb, img_size=64), Data(n=9)
-    cfg = nb.make_config("demo", max_eval_images=0, knn_k=3)
-    features, labels = nb.dataset_features(model, data, cfg, torch.device("cpu"))
-    for share in shares:   # every rank gets every row, in order
-        assert torch.equal(share["labels"], labels)
-        torch.testing.assert_close(share["features"], features, rtol=0, atol=1e-5)
-    assert shares[0]["knn"] == nb.knn_accuracy(model, data, data, cfg, torch.device("cpu"))
-    assert shares[1]["knn"] is None
+    numbered = Data(n=9)
+    numbered.images = np.arange(9).reshape(9, 1, 1, 1)   # image i holds i: which rows the cap takes
+    for cap in (0, 6):
+        shares = [r["shares"][cap] for r in ranks]
+        rows = nb.evenly_spaced(numbered, cap)[0].ravel().tolist()
+        assert shares[0]["read"] + shares[1]["read"] == rows   # each rank its own rows, in order, none twice
+        assert [len(s["read"]) for s in shares] == [s["extracted"] for s in shares]   # and extracts them alone
+        assert abs(len(shares[0]["read"]) - len(shares[1]["read"])) <= 1
+        cfg = nb.make_config("demo", max_eval_images=cap, knn_k=3)
+        features, labels = nb.dataset_features(model, data, cfg, torch.device("cpu"))
+        assert torch.equal(shares[0]["labels"], labels) and torch.equal(shares[1]["labels"], labels)
+        torch.testing.assert_close(shares[0]["features"], features, rtol=0, atol=1e-5)   # rank 0: every row
+        assert shares[1]["features"] is None   # the bank is not held twice
+    assert ranks[0]["knn"] == nb.knn_accuracy(model, data, data, cfg, torch.device("cpu"))
+    assert ranks[1]["knn"] is None
 
 
 def rank_pid(rank, marker):

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=8 tests/torchrun_train.py --profile imagenet64 --set batch_size=128
 
 Every rank trains on its shard of the memmapped data and extracts the k-NN features of its share of
-the images; rank 0 alone votes, logs and writes checkpoints. NCCL on GPUs, gloo on CPUs.
+the images; rank 0 alone gathers them and votes (only it holds the memory bank), logs and writes
+checkpoints. NCCL on GPUs, gloo on CPUs.
 `--set key=value` overrides Config fields (Python literals).
 """
 import argparse
