@@ -130,7 +130,8 @@ data.images = data.images.view(Recorded)
 model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
 shares = {{}}
 for cap in (0, 6):
-    read.clear(), seen.clear()
+    read.clear()
+    seen.clear()
     cfg = nb.make_config("demo", max_eval_images=cap, knn_k=3)
     features, labels = nb.dataset_features(model, data, cfg, torch.device("cpu"), rank, 2)
     shares[cap] = dict(read=list(read), extracted=sum(seen), features=features, labels=labels)
