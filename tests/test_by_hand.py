@@ -73,14 +73,15 @@ def small_overrides(shared, run_root, **extra):
                 max_train_images=64, batch_size=16, max_eval_images=64, probe_epochs=5, **extra)
 
 
-def start_with_setup(overrides):
-    """A fresh kernel with the Setup section run, `overrides` set right after the parameters cell."""
+def start_with_setup(overrides, profile="demo"):
+    """A fresh kernel with the Setup section run, `profile` and `overrides` set right after the parameters
+    cell."""
     kernel = Kernel()
     setup = SECTIONS[0][1]
     for src in setup:
         kernel.run_ok(src)
         if src.startswith('profile = os.environ.get("DINO_PROFILE"'):
-            kernel.run_ok(f"profile = 'demo'\noverrides = {overrides!r}")
+            kernel.run_ok(f"profile = {profile!r}\noverrides = {overrides!r}")
     return kernel
 
 
@@ -118,6 +119,26 @@ def training_section_run(shared_dirs, tmp_path_factory):
 
 def test_the_training_section_needs_only_the_definitions_above_it(training_section_run):
     assert (training_section_run / "teacher.pth").is_file()
+
+
+def test_the_crash_checks_run_whatever_the_profile_logs_and_reads_with(shared_dirs, tmp_path):
+    """The kill and damage checks with the logging and reader processes of the other profiles (a step row
+    every tenth step, readers forked): the kill check waited for five logged steps, so its run ended first
+    and the cell failed before the train cell; then the killed run's readers kept its lock, so the resume
+    was refused."""
+    overrides = small_overrides(shared_dirs, tmp_path, log_every_steps=10, num_workers=2)
+    kernel = start_with_setup(overrides)
+    try:
+        run_definitions_above(kernel, "Training")
+        printed = ""
+        for src in section_cells("Training", until=TRAIN_CELL)[:-1]:
+            if src.lstrip().startswith(EXPORT_MARK) or "crash_check_runs(cfg" in src:
+                printed += kernel.run_ok(src)
+    finally:
+        kernel.close()
+    assert "killed with SIGKILL after" in printed
+    assert "largest difference between the two runs' states (networks, centres, AdamW, generators): 0" in printed
+    assert "the run went on to step 4" in printed
 
 
 def section_cells(title, until=None):

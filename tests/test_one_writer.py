@@ -169,3 +169,38 @@ def test_a_reader_loads_the_file_it_checked_though_the_trainer_replaces_it_meanw
     monkeypatch.setattr(nb, "check_archive", check_then_replace)
     assert nb.load_weights_file(last, mmap=mmap)["step"] == 1
     assert torch.load(last, weights_only=True)["step"] == 2
+
+
+HOLDER = r"""
+import sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from tiny_run import nb
+with nb.run_lock(sys.argv[2]):
+    loader = nb.batch_loader(np.zeros((8, 3, 8, 8), dtype=np.uint8), [np.arange(2)] * 4, num_workers=1)
+    next(loader)   # its reader process is up
+    print("reading", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_killed_holder_is_taken_over_at_once_though_its_reader_processes_live_on(nb, tmp_path):
+    """A trainer's forked reader processes held copies of its lock's descriptor, so a trainer killed by
+    SIGKILL kept the lock until its readers noticed (up to 5 s): the re-run was refused, naming a dead PID."""
+    import psutil
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(TESTS), str(tmp_path / "run")],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    readers = []
+    try:
+        assert holder.stdout.readline().strip() == "reading"
+        readers = psutil.Process(holder.pid).children()
+        holder.kill()
+        holder.wait(timeout=60)
+        assert readers and all(reader.is_running() for reader in readers)   # they outlive the trainer for now
+        with nb.run_lock(tmp_path / "run"):   # taken over at once
+            pass
+    finally:
+        holder.kill()
+        for reader in readers:   # no longer the holder's children: gone with it
+            with contextlib.suppress(psutil.NoSuchProcess):
+                reader.kill()
