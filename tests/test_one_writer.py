@@ -196,7 +196,7 @@ def test_a_killed_holder_is_taken_over_at_once_though_its_reader_processes_live_
         readers = psutil.Process(holder.pid).children()
         holder.kill()
         holder.wait(timeout=60)
-        assert readers and all(reader.is_running() for reader in readers)   # they outlive the trainer for now
+        assert readers   # they outlive the trainer until they notice (not asserted: they may, any moment)
         with nb.run_lock(tmp_path / "run"):   # taken over at once
             pass
     finally:
