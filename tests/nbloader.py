@@ -13,6 +13,11 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPORT_MARK = "#| export"
 
 
+def is_export(src):
+    """Whether a code cell's source is a definitions cell (its first line `#| export`)."""
+    return src.lstrip().startswith(EXPORT_MARK)
+
+
 def export_sources(path):
     """The source of every code cell whose first line is `#| export`, in notebook order."""
     try:
@@ -22,7 +27,7 @@ def export_sources(path):
     sources = []
     for cell in nb["cells"]:
         src = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
-        if cell["cell_type"] == "code" and src.lstrip().startswith(EXPORT_MARK):
+        if cell["cell_type"] == "code" and is_export(src):
             sources.append(src)
     return sources
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from jupyter_client.manager import start_new_kernel
 
+from nbloader import is_export
+
 ROOT = Path(__file__).resolve().parent.parent
-EXPORT_MARK = "#| export"
 
 
 def notebook_sections():
@@ -55,9 +56,23 @@ class Kernel:
         assert error is None, f"{error}\nin cell:\n{code[:400]}\nprinted:\n{printed[-2000:]}"
         return printed
 
+    def interrupt(self, msg_id, timeout=600):
+        """Jupyter's stop button while the cell sent as `msg_id` runs; the content of that cell's reply."""
+        self.manager.interrupt_kernel()
+        reply = self.client.get_shell_msg(timeout=timeout)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = self.client.get_shell_msg(timeout=timeout)
+        return reply["content"]
+
     def close(self):
         self.client.stop_channels()
         self.manager.shutdown_kernel(now=True)
+
+
+def wait_until(ready, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not ready():
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +103,7 @@ def start_with_setup(overrides, profile="demo"):
 def run_definitions_above(kernel, title):
     for section, sources in SECTIONS[1:TITLES.index(title)]:
         for src in sources:
-            if src.lstrip().startswith(EXPORT_MARK):
+            if is_export(src):
                 kernel.run_ok(src)
 
 
@@ -132,7 +147,7 @@ def test_the_crash_checks_run_whatever_the_profile_logs_and_reads_with(shared_di
         run_definitions_above(kernel, "Training")
         printed = ""
         for src in section_cells("Training", until=TRAIN_CELL)[:-1]:
-            if src.lstrip().startswith(EXPORT_MARK) or "crash_check_runs(cfg" in src:
+            if is_export(src) or "crash_check_runs(cfg" in src:
                 printed += kernel.run_ok(src)
     finally:
         kernel.close()
@@ -163,7 +178,7 @@ def start_training_kernel(overrides):
     run_definitions_above(kernel, "Training")
     *before, train_cell = section_cells("Training", until=TRAIN_CELL)
     for src in before:
-        if src.lstrip().startswith(EXPORT_MARK):
+        if is_export(src):
             kernel.run_ok(src)
     return kernel, train_cell
 
@@ -186,14 +201,8 @@ def interrupted_and_straight_runs(shared_dirs, tmp_path_factory, training_sectio
     kernel, train_cell = start_training_kernel(small_overrides(shared_dirs, interrupted_root))
     log = interrupted_root / "checkpoints" / "demo" / "log.jsonl"
     msg_id = kernel.client.execute(train_cell)
-    deadline = time.time() + 600
-    while time.time() < deadline and not (log.exists() and log.read_text().count('"kind": "step"') >= 1):
-        time.sleep(0.2)
-    kernel.manager.interrupt_kernel()
-    reply = kernel.client.get_shell_msg(timeout=600)
-    while reply["parent_header"].get("msg_id") != msg_id:
-        reply = kernel.client.get_shell_msg(timeout=600)
-    interrupted_at = reply["content"].get("evalue", "")
+    wait_until(lambda: log.exists() and log.read_text().count('"kind": "step"') >= 1)
+    interrupted_at = kernel.interrupt(msg_id).get("evalue", "")
     resumed = kernel.run_ok(train_cell)
     yield dict(kernel=kernel, train_cell=train_cell, interrupted_at=interrupted_at, resumed=resumed,
                straight=training_section_run, interrupted=interrupted_root / "checkpoints" / "demo",
@@ -232,12 +241,12 @@ def test_a_refused_checkpoint_leaves_the_next_cell_a_clear_error(interrupted_and
     run_definitions_above(kernel, "Evaluation")
     evaluation = section_cells("Evaluation")
     for src in evaluation:   # the section's own definitions too: the cells below need them
-        if src.lstrip().startswith(EXPORT_MARK):
+        if is_export(src):
             kernel.run_ok(src)
     load_cell = next(src for src in evaluation   # the cell that loads the teacher, not the one defining it
-                     if "trained_teacher(cfg, device)" in src and not src.lstrip().startswith(EXPORT_MARK))
+                     if "trained_teacher(cfg, device)" in src and not is_export(src))
     next_cell = next(src for src in evaluation[evaluation.index(load_cell) + 1:]
-                     if "teacher_backbone" in src and not src.lstrip().startswith(EXPORT_MARK))
+                     if "teacher_backbone" in src and not is_export(src))
     kernel.run_ok(load_cell)  # the demo checkpoint fits the demo profile
     kernel.run_ok('cfg = make_config(profile, **{**overrides, "arch": "vit_small"})')
     error, _ = kernel.run(load_cell)
@@ -245,7 +254,7 @@ def test_a_refused_checkpoint_leaves_the_next_cell_a_clear_error(interrupted_and
     error, _ = kernel.run(next_cell)
     assert error is not None and "no teacher loaded" in error
     features_cell, table_cell = (next(src for src in evaluation
-                                      if mark in src and not src.lstrip().startswith(EXPORT_MARK))
+                                      if mark in src and not is_export(src))
                                  for mark in ("eval_features = {model_name", "eval_results, width"))
     error, _ = kernel.run(features_cell)   # no teacher: the table's cell is told, not given an empty table
     assert error is not None and "no teacher loaded" in error
@@ -273,18 +282,12 @@ def test_an_interrupted_kill_check_leaves_no_process_behind(interrupted_and_stra
     import psutil
     kernel = interrupted_and_straight_runs["kernel"]
     kill_cell = next(src for src in section_cells("Training")
-                     if "SIGKILL" in src and not src.lstrip().startswith(EXPORT_MARK))
+                     if "SIGKILL" in src and not is_export(src))
     kernel_process = psutil.Process(kernel.manager.provisioner.process.pid)
     children = lambda: {child.pid for child in kernel_process.children(recursive=True)}
     before = children()
     msg_id = kernel.client.execute(kill_cell)
-    deadline = time.time() + 300
-    while time.time() < deadline and not children() - before:   # the forked run has started
-        time.sleep(0.05)
+    wait_until(lambda: children() - before, timeout=300)   # the forked run has started
     assert children() - before, "the kill check forked no process"
-    kernel.manager.interrupt_kernel()
-    reply = kernel.client.get_shell_msg(timeout=300)
-    while reply["parent_header"].get("msg_id") != msg_id:
-        reply = kernel.client.get_shell_msg(timeout=300)
-    assert reply["content"].get("ename") == "KeyboardInterrupt"
+    assert kernel.interrupt(msg_id, timeout=300).get("ename") == "KeyboardInterrupt"
     assert children() == before

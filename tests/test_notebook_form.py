@@ -7,6 +7,8 @@ import re
 import statistics
 from pathlib import Path
 
+from nbloader import is_export
+
 NOTEBOOK = Path(__file__).resolve().parent.parent / "dino_vit.ipynb"
 CELLS = json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"]
 DEFINITIONS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)
@@ -25,7 +27,7 @@ def code_cells():
 
 
 def export_cells():
-    return [c for c in code_cells() if source(c).lstrip().startswith("#| export")]   # as nbloader selects
+    return [c for c in code_cells() if is_export(source(c))]
 
 
 def test_export_cells_only_import_and_define():
