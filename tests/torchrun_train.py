@@ -10,6 +10,8 @@ checkpoints. NCCL on GPUs, gloo on CPUs.
 """
 import argparse
 import ast
+import contextlib
+import io
 import os
 import sys
 from pathlib import Path
@@ -29,6 +31,18 @@ def parse_overrides(pairs):
         except (ValueError, SyntaxError):
             out[key] = value  # a plain string
     return out
+
+
+def load_data(nb, cfg, rank, world_size):
+    """(train, val): rank 0 builds the caches and says what it read; the others wait for it, then open the
+    caches and say nothing (rank 0 has said it)."""
+    if rank == 0:
+        nb.load_datasets(cfg)
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.barrier()
+    with contextlib.redirect_stdout(io.StringIO()) if rank else contextlib.nullcontext():
+        return nb.load_datasets(cfg, verbose=False)
 
 
 def main(argv=None):
@@ -52,11 +66,7 @@ def main(argv=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     nb.seed_everything(cfg.seed)
     try:
-        if rank == 0:
-            nb.load_datasets(cfg)  # builds the caches once
-        if world_size > 1:
-            dist.barrier()
-        train_set, val_set = nb.load_datasets(cfg, verbose=False)
+        train_set, val_set = load_data(nb, cfg, rank, world_size)
         trainer, _ = nb.train_dino(cfg, train_set, val_set, device, rank, world_size, max_steps=args.max_steps,
                                    progress=sys.stdout.isatty())
         if args.dump_teachers:
