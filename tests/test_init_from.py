@@ -121,6 +121,13 @@ def test_a_file_that_is_no_checkpoint_says_so_at_once(nb, tmp_path):
     torch.save({"epoch": torch.tensor(3)}, tmp_path / "no_backbone.pth")
     with pytest.raises(nb.ConfigError, match=r"no_backbone\.pth'.*holds no ViT backbone"):
         config(nb, tmp_path / "no_backbone.pth")
+    linear = {"state_dict": {"module.linear.weight": torch.zeros(10, 8)}, "best_acc": 80.0}   # a release's probe
+    torch.save(linear, tmp_path / "dino_deitsmall8_linearweights.pth")
+    with pytest.raises(nb.ConfigError, match=r"no tensor among its entries \['best_acc', 'state_dict'\]"):
+        config(nb, tmp_path / "dino_deitsmall8_linearweights.pth")
+    torch.save([torch.zeros(2)], tmp_path / "a_list.pth")
+    with pytest.raises(nb.ConfigError, match=r"a_list\.pth': a checkpoint, but of a list, not a state dict"):
+        config(nb, tmp_path / "a_list.pth")
     with pytest.raises(nb.ConfigError, match=r"init_from='.*': not a file"):
         config(nb, tmp_path)
 

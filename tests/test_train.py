@@ -239,6 +239,24 @@ def test_a_run_keeps_what_its_plan_says_at_the_sizes_it_says(nb, tmp_path, capsy
             f"(save_every_epochs=0), teacher.pth {mb(sizes['teacher'])}") in capsys.readouterr().out
 
 
+def test_the_plan_counts_the_epoch_files_it_keeps(nb):
+    assert "epoch_XXXX.pth at epochs 1 (1 file)," in nb.checkpoint_plan(nb.make_config("demo", epochs=1,
+                                                                                       save_every_epochs=1))
+    assert "epoch_XXXX.pth at epochs 10, 20, 30, 40, … (10 files)," in nb.checkpoint_plan(nb.make_config("imagenet64"))
+
+
+@pytest.mark.parametrize("n_train, cap, says", [(2, 2, "2 training images (max_train_images=2) are fewer than one "
+                                                      "global batch (4 × 1 processes): lower batch_size or raise "
+                                                      "max_train_images"),
+                                               (3, 0, "3 training images are fewer than one global batch (4 × 1 "
+                                                      "processes): lower batch_size")])
+def test_too_few_images_for_one_batch_say_which_setting_to_change(nb, tmp_path, n_train, cap, says):
+    cfg = tiny_cfg(nb, tmp_path, max_train_images=cap)
+    with pytest.raises(ValueError) as error:
+        nb.DINOTrainer(cfg, n_train, torch.device("cpu"))
+    assert str(error.value) == says
+
+
 def test_kill_during_save_keeps_previous_checkpoint(nb, tmp_path, monkeypatch):
     cfg = tiny_cfg(nb, tmp_path)
     t = nb.DINOTrainer(cfg, 16, torch.device("cpu"))
