@@ -267,6 +267,26 @@ def test_every_suffix_pil_reads_is_read_and_others_are_counted(nb, tmp_path):
     assert ok.all() and not bad
 
 
+def test_hidden_files_and_folders_are_skipped_and_counted(nb, tmp_path):
+    """A folder copied from macOS: ._0.png resource forks beside the images (a photo's suffix, no image),
+    .DS_Store, a zip's __MACOSX/ tree and a hidden folder of thumbnails; none is an image or a class."""
+    for c in ("cat", "dog"):
+        for i in range(2):
+            write_png(tmp_path / "f" / c / f"{i}.png", asymmetric(8, 8, seed=i))
+            (tmp_path / "f" / c / f"._{i}.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+            write_png(tmp_path / "f" / "__MACOSX" / c / f"{i}.png", asymmetric(8, 8, seed=i))
+    write_png(tmp_path / "f" / ".thumbnails" / "0.png", asymmetric(8, 8))
+    (tmp_path / "f" / ".DS_Store").write_bytes(bytes(8))
+    with pytest.warns(UserWarning, match=r"ignored 7 hidden file\(s\) and folder\(s\) \(names starting with '\.', "
+                                         r"and __MACOSX"):
+        paths, labels, classes = nb.list_image_folder(tmp_path / "f")
+    assert classes == ["cat", "dog"] and labels == [0, 0, 1, 1]
+    assert [p.relative_to(tmp_path / "f").as_posix() for p in paths] == ["cat/0.png", "cat/1.png", "dog/0.png",
+                                                                         "dog/1.png"]
+    with pytest.warns(UserWarning, match="ignored 7 hidden"):
+        assert len(nb.list_image_folder(tmp_path / "f", by_class=False)[0]) == 4
+
+
 def test_img_size_sets_the_stored_size_and_the_cache_is_never_misread(nb, tmp_path, monkeypatch):
     for c in ("p", "q"):
         for i in range(3):
