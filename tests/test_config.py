@@ -153,3 +153,19 @@ def test_own_images_and_evaluate_file_are_checked_when_given(nb, tmp_path, monke
 def test_errors_of_settings_data_and_checkpoints_show_as_their_message_alone(nb):
     for error in (nb.ConfigError("Config.x=1: must be > 1"), nb.DataError("f: bad"), nb.CheckpointError("c: bad")):
         assert error._render_traceback_() == [f"{type(error).__name__}: {error}"]   # IPython's (papermill's) view
+
+
+def test_a_device_this_machine_lacks_is_refused_where_it_is_picked(nb, monkeypatch):
+    monkeypatch.setattr(nb.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(nb.torch.backends.mps, "is_available", lambda: False)
+    assert nb.pick_device("auto") == nb.torch.device("cpu")
+    with pytest.raises(nb.ConfigError, match=r"device='cuda', but torch .* sees 0 CUDA GPU\(s\) here; set device: auto"):
+        nb.pick_device("cuda")
+    with pytest.raises(nb.ConfigError, match=r"device='mps', but MPS .* is not available"):
+        nb.pick_device("mps")
+    monkeypatch.setattr(nb.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(nb.torch.cuda, "device_count", lambda: 2)
+    assert nb.pick_device("auto") == nb.pick_device("cuda") == nb.torch.device("cuda")
+    assert nb.pick_device("cuda:1") == nb.torch.device("cuda", 1)
+    with pytest.raises(nb.ConfigError, match=r"device='cuda:2', but torch .* sees 2 CUDA GPU\(s\)"):
+        nb.pick_device("cuda:2")
