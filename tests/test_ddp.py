@@ -212,7 +212,6 @@ def test_a_ctrl_c_on_any_rank_stops_every_rank_at_the_same_step_and_rank_0_saves
     assert said.count(f"KeyboardInterrupt: interrupted at step {steps[-1]}") == 2, said[-3000:]   # both ranks
 
 
-
 def test_only_rank_0_says_how_a_folder_was_split(nb, tmp_path, capsys):
     """Every rank opens the data; the split of a folder is said once, by rank 0, not once by every rank."""
     from PIL import Image
