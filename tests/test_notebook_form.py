@@ -30,11 +30,18 @@ def export_cells():
     return [c for c in code_cells() if is_export(source(c))]
 
 
+def is_guarded_import(node):
+    """`try: import x` / `except ...: raise ...`: an import that says what to do where it fails."""
+    return (isinstance(node, ast.Try) and all(isinstance(n, (ast.Import, ast.ImportFrom)) for n in node.body)
+            and all(isinstance(s, ast.Raise) for h in node.handlers for s in h.body)
+            and not node.orelse and not node.finalbody)
+
+
 def test_export_cells_only_import_and_define():
     exported = export_cells()
     assert len(exported) > 50   # the tests, benchmarks and torchrun load these
-    work = [(c["id"], type(node).__name__, node.lineno) for c in exported
-            for node in ast.parse(source(c)).body if not isinstance(node, DEFINITIONS)]
+    work = [(c["id"], type(node).__name__, node.lineno) for c in exported for node in ast.parse(source(c)).body
+            if not isinstance(node, DEFINITIONS) and not is_guarded_import(node)]
     assert work == [], f"statements that do work in #| export cells (cell, kind, line): {work}"
     assert all(source(c).splitlines()[0] == "#| export" for c in exported)
 
