@@ -267,7 +267,7 @@ def test_every_suffix_pil_reads_is_read_and_others_are_counted(nb, tmp_path):
     assert ok.all() and not bad
 
 
-def test_hidden_files_and_folders_are_skipped_and_counted(nb, tmp_path):
+def test_hidden_files_and_folders_are_skipped_and_counted_once(nb, tmp_path):
     """A folder copied from macOS: ._0.png resource forks beside the images (a photo's suffix, no image),
     .DS_Store, a zip's __MACOSX/ tree and a hidden folder of thumbnails; none is an image or a class."""
     for c in ("cat", "dog"):
@@ -283,8 +283,12 @@ def test_hidden_files_and_folders_are_skipped_and_counted(nb, tmp_path):
     assert classes == ["cat", "dog"] and labels == [0, 0, 1, 1]
     assert [p.relative_to(tmp_path / "f").as_posix() for p in paths] == ["cat/0.png", "cat/1.png", "dog/0.png",
                                                                          "dog/1.png"]
-    with pytest.warns(UserWarning, match="ignored 7 hidden"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                           # said once a process, not at every listing
         assert len(nb.list_image_folder(tmp_path / "f", by_class=False)[0]) == 4
+    (tmp_path / "f" / "dog" / ".DS_Store").write_bytes(bytes(8))
+    with pytest.warns(UserWarning, match="ignored 8 hidden"):   # news is said
+        nb.list_image_folder(tmp_path / "f")
 
 
 def test_img_size_sets_the_stored_size_and_the_cache_is_never_misread(nb, tmp_path, monkeypatch):

@@ -257,6 +257,21 @@ def test_too_few_images_for_one_batch_say_which_setting_to_change(nb, tmp_path, 
     assert str(error.value) == says
 
 
+def test_the_crash_checks_train_two_epochs_of_four_steps_on_a_folder_of_ten_images(nb, tmp_path):
+    """The Training section's kill check waits for five of the run's eight steps: on a folder whose training
+    split holds 8 images (2 steps an epoch) the run ended first and the notebook stopped there."""
+    from PIL import Image
+    for name in ("a", "b"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(5):
+            image = np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(image).save(tmp_path / "photos" / name / f"{i}.png")
+    cfg = nb.make_config("demo", data_root=str(tmp_path / "photos"), cache_dir=str(tmp_path / "cache"))
+    assert len(nb.load_datasets(cfg, verbose=False)[0]) == 8
+    trainer, _ = nb.crash_check_runs(cfg, str(tmp_path / "runs"))("straight")
+    assert (trainer.iters_per_epoch, trainer.step) == (4, 8)
+
+
 def test_kill_during_save_keeps_previous_checkpoint(nb, tmp_path, monkeypatch):
     cfg = tiny_cfg(nb, tmp_path)
     t = nb.DINOTrainer(cfg, 16, torch.device("cpu"))
