@@ -41,6 +41,7 @@ BAD = [  # (override, words the error must hold)
     (dict(base_lr="2e-3"), r"base_lr='2e-3': must be a finite float, not a str \(write 0.002: YAML reads 2e-3"),
     (dict(warmup_epochs=4), "warmup_epochs=4: must be at most epochs=3, or the learning rate never reaches its peak"),
     (dict(warmup_teacher_temp_epochs=4), "warmup_teacher_temp_epochs=4: must be at most epochs=3, or the teacher"),
+    (dict(koleo_weight=0.1, batch_size=1), r"batch_size=1: must be at least 2 with koleo_weight=0.1: KoLeo spreads"),
 ]
 
 
