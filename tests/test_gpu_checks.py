@@ -13,18 +13,26 @@ echo "$*" >> "$CALLS"
 case "$*" in *"--variants graphs --no-profile"*) echo "graphs  vit_tiny  1234 images/s" ;; esac
 """
 
+TIMEOUT_STAND_IN = """#!/usr/bin/env bash
+echo "$1 ${3##*/}" >> "$LIMITS"
+shift
+exec "$@"
+"""
+
 
 def run_checks(tmp_path, **env):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name, text in {"python3": STAND_IN, "nvidia-smi": "#!/usr/bin/env bash\necho 'stand-in GPU'\n"}.items():
+    stand_ins = {"python3": STAND_IN, "nvidia-smi": "#!/usr/bin/env bash\necho 'stand-in GPU'\n",
+                 "timeout": TIMEOUT_STAND_IN}
+    for name, text in stand_ins.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     calls = tmp_path / "calls.txt"
     calls.write_text("")
     done = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
-                               "OUT": str(tmp_path / "out"), **env})
+                               "OUT": str(tmp_path / "out"), "LIMITS": str(tmp_path / "limits.txt"), **env})
     first_words = [line.split()[0] for line in calls.read_text().splitlines()]   # a script, or -c
     scripts = [Path(word).name for word in first_words if word.endswith(".py")]
     return done, scripts
@@ -60,3 +68,22 @@ def test_an_unknown_setting_is_refused_before_any_step(tmp_path, env, named):
     done, scripts = run_checks(tmp_path, **env)
     assert done.returncode == 2
     assert named in done.stderr and scripts == []
+
+
+def limits(tmp_path):
+    """{benchmark: the seconds `timeout` gave it}, the last call of each."""
+    return {script: int(seconds) for seconds, script in
+            (line.split() for line in (tmp_path / "limits.txt").read_text().splitlines())}
+
+
+@pytest.mark.parametrize("part, graphs, deadline", [("speed", "", 300), ("learn", "true", 390), ("learn", "", 540),
+                                                    ("all", "", 570)])
+def test_each_part_keeps_to_its_share_of_a_15_minute_lease(tmp_path, part, graphs, deadline):
+    """No step's limit passes its part's deadline (300 + 390 s and the machine's start fit 15 minutes), and in
+    the learn part the steps before the learning run leave it its whole 390 s even when they use all theirs."""
+    done, scripts = run_checks(tmp_path, PART=part, GRAPHS=graphs)
+    assert done.returncode == 0, done.stderr
+    given = limits(tmp_path)
+    assert len(given) == len(set(scripts)) and max(given.values()) <= deadline
+    if part == "learn":
+        assert given["bench_learn.py"] >= 385 and sum(given.values()) <= deadline
