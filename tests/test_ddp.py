@@ -212,17 +212,21 @@ def test_a_ctrl_c_on_any_rank_stops_every_rank_at_the_same_step_and_rank_0_saves
     assert said.count(f"KeyboardInterrupt: interrupted at step {steps[-1]}") == 2, said[-3000:]   # both ranks
 
 
-def test_only_rank_0_says_how_a_folder_was_split(nb, tmp_path, capsys):
-    """Every rank opens the data; the split of a folder is said once, by rank 0, not once by every rank."""
+def test_only_rank_0_says_how_a_folder_was_split(nb, tmp_path, capsys, recwarn):
+    """Every rank opens the data; the split of a folder and its warnings (here: a hidden file) are said once,
+    by rank 0, not once by every rank."""
     from PIL import Image
     from torchrun_train import load_data
     for name in ("a", "b"):
         (tmp_path / "photos" / name).mkdir(parents=True)
         for i in range(4):
             Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(tmp_path / "photos" / name / f"{i}.png")
+    (tmp_path / "photos" / "a" / ".DS_Store").write_bytes(bytes(8))
     cfg = nb.make_config("demo", data_root=str(tmp_path / "photos"), cache_dir=str(tmp_path / "cache"))
     said = "held out per class (val/all): a 1/4, b 1/4"
     train, val = load_data(nb, cfg, rank=1, world_size=1)
-    assert (len(train), len(val)) == (6, 2) and capsys.readouterr().out == ""
+    assert (len(train), len(val)) == (6, 2) and capsys.readouterr().out == "" and len(recwarn) == 0
+    nb.LISTING_SAID.clear()   # each rank is a process of its own, with its own record of what it said
     load_data(nb, cfg, rank=0, world_size=1)
     assert capsys.readouterr().out.count(said) == 1
+    assert [str(w.message) for w in recwarn if "ignored 1 hidden" in str(w.message)] != []

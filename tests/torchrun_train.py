@@ -14,6 +14,7 @@ import contextlib
 import io
 import os
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,14 +35,17 @@ def parse_overrides(pairs):
 
 
 def load_data(nb, cfg, rank, world_size):
-    """(train, val): rank 0 builds the caches and says what it read; the others wait for it, then open the
-    caches and say nothing (rank 0 has said it)."""
+    """(train, val): rank 0 builds the caches and says what it read, warnings included; the others wait for
+    it, then open the caches and say nothing (rank 0 has said it)."""
     if rank == 0:
         nb.load_datasets(cfg)
     if world_size > 1:
         import torch.distributed as dist
         dist.barrier()
-    with contextlib.redirect_stdout(io.StringIO()) if rank else contextlib.nullcontext():
+    if rank == 0:
+        return nb.load_datasets(cfg, verbose=False)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         return nb.load_datasets(cfg, verbose=False)
 
 
