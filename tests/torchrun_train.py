@@ -38,12 +38,12 @@ def load_data(nb, cfg, rank, world_size):
     """(train, val): rank 0 builds the caches and says what it read, warnings included; the others wait for
     it, then open the caches and say nothing (rank 0 has said it)."""
     if rank == 0:
-        nb.load_datasets(cfg)
+        train_val = nb.load_datasets(cfg)
     if world_size > 1:
         import torch.distributed as dist
         dist.barrier()
     if rank == 0:
-        return nb.load_datasets(cfg, verbose=False)
+        return train_val
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return nb.load_datasets(cfg, verbose=False)
