@@ -49,7 +49,7 @@ def test_mask_holds_fraction_and_is_minimal(nb, fraction):
         assert kept.sum() >= fraction - 1e-6
         assert kept.sum() - kept.min() < fraction  # without its weakest patch it falls short
         # the kept patches are the strongest ones
-        assert kept.min() >= share[~mask].max() if (~mask).any() else True
+        assert (~mask).any() and kept.min() >= share[~mask].max()
         assert torch.equal(mask.flatten(), reference_threshold_mask(m.flatten(), fraction))
 
 

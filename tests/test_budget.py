@@ -38,15 +38,22 @@ def test_steps_are_timed_until_min_seconds_have_passed(nb, tmp_path):
     assert budget["timed_steps"] * cfg.batch_size / budget["images_per_s"] >= 1.5
 
 
-def test_the_start_of_the_run_is_taken_from_the_budget_once(nb, tmp_path):
+def test_the_start_of_the_run_is_taken_from_the_budget_once(nb, tmp_path, monkeypatch):
     """A run starts its reader processes and initialises lazily once: what the warm-up steps took beyond
     steady steps comes off the budget, not off every epoch."""
-    cfg = tiny_cfg(nb, tmp_path, epochs=10, num_workers=2)
+    cfg, run_loader = tiny_cfg(nb, tmp_path, epochs=10, num_workers=2), nb.run_loader
+
+    def slow_run_loader(*args):
+        time.sleep(0.5)   # a start that takes half a second more
+        return run_loader(*args)
+
+    monkeypatch.setattr(nb, "run_loader", slow_run_loader)
     budget = nb.epochs_for_budget(cfg, Data(n=16), torch.device("cpu"), minutes=1, warmup_steps=2, timed_steps=4,
                                   min_seconds=0, spare=0)
     seconds_per_step = cfg.batch_size / budget["images_per_s"]
-    assert budget["start_seconds"] >= 0
-    assert budget["seconds_per_epoch"] == pytest.approx(4 * seconds_per_step)
+    assert budget["start_seconds"] >= 0.5   # the start is counted ...
+    assert budget["seconds_per_epoch"] == pytest.approx(4 * seconds_per_step)   # ... but not in the epochs
+    assert budget["seconds_per_epoch"] < 0.5
     assert budget["epochs"] == math.floor(usable(budget, 60) / budget["seconds_per_epoch"])
 
 

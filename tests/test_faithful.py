@@ -37,6 +37,7 @@ def test_clip_gradients_matches_the_reference_loop(nb, tmp_path):
 
 def test_cancel_gradients_last_layer_only_in_the_first_epochs(nb, tmp_path):
     student, _ = nb.build_models(tiny_cfg(nb, tmp_path, norm_last_layer=False), torch.device("cpu"))
+    assert [name for name, _ in student.named_parameters() if "last_layer" in name]   # there is one to freeze
     for epoch, cancelled in [(0, True), (1, False)]:
         for p in student.parameters():
             p.grad = torch.ones_like(p)

@@ -303,8 +303,8 @@ def test_koleo_is_minus_the_mean_log_distance_to_the_nearest_other_feature(nb):
 
 
 def test_koleo_weight_changes_the_update_not_the_dino_loss_read_back(nb, tmp_path):
-    """With koleo_weight > 0 the step's read-back loss is still DINO's (so KL = loss - entropy), while
-    the update differs by the KoLeo gradient of the student's global CLS features."""
+    """With koleo_weight > 0 the step's read-back loss is still DINO's alone (the logged loss and KL stay
+    comparable across settings), while the update differs: the KoLeo term has a gradient."""
     images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     runs = {}
     for weight in (0.0, 0.5):
