@@ -461,6 +461,17 @@ def test_own_images_of_a_folder_are_every_image_under_it(nb, tmp_path):
     assert files[2] == tmp_path / "mine" / "top.png" and len(files) == 3
 
 
+def test_own_images_that_hold_no_image_are_named(nb, tmp_path):
+    """A folder of own images with none PIL reads: the error names it (it said 'none of the 0 image file(s)
+    could be read: []')."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no image here")
+    cfg = nb.make_config("demo", own_images=[str(tmp_path / "empty")])
+    with pytest.warns(UserWarning, match="notes.txt"), \
+            pytest.raises(nb.DataError, match=rf"own_images=\['{tmp_path}/empty'\]: no image files there"):
+        nb.own_image_files(cfg)
+
+
 def test_a_file_name_that_is_not_utf8_is_read_and_split_by_its_bytes(nb, tmp_path):
     """Linux names are bytes: b'\\xff\\xfe.png' arrives as a str with surrogates, which str.encode refuses. The
     held-out split hashes the name's own bytes (os.fsencode), the same as before for every UTF-8 name, and an

@@ -94,6 +94,9 @@ def test_a_run_from_a_dinov2_file_is_evaluated_with_its_own_vit(nb, tmp_path):
     assert all(torch.equal(value, trained[key]) for key, value in backbone.state_dict().items())
     assert nb.knn_accuracy(backbone, Data(), Data(), cfg, torch.device("cpu")) == \
         nb.knn_accuracy(trainer.teacher.backbone, Data(), Data(), cfg, torch.device("cpu"))
+    # its files may be named as evaluate_file: checked as the run's ViT is read, not against patch_size 16
+    chosen = tiny_cfg(nb, tmp_path, init_from=cfg.init_from, epochs=1, evaluate_file=str(path))
+    assert nb.trained_teacher(chosen, torch.device("cpu"))[0].patch_size == 14
 
 
 def test_a_file_that_does_not_fit_is_refused_when_the_config_is_made(nb, tmp_path):

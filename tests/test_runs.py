@@ -92,6 +92,22 @@ def test_the_demo_checkpoint_serves_the_embedded_sample_only(nb, tmp_path):
     assert nb.trained_teacher(chosen, torch.device("cpu"))[1] == demo_file
 
 
+def test_a_demo_run_of_another_vit_shows_its_own_teacher_not_the_demo_checkpoint(nb, tmp_path):
+    """The demo checkpoint is a ViT-T/8: a demo run of another arch or patch size cannot load it, so the
+    Evaluation and Attention sections show that run's own teacher (they stopped with a shape error)."""
+    demo_file = tmp_path / "demo_teacher.pth"
+    torch.save(nb.build_backbone(nb.make_config("demo"), drop_path_rate=0.0).state_dict(), demo_file)
+    for changed in (dict(arch="vit_small"), dict(patch_size=16)):
+        cfg = tiny(nb, tmp_path, **changed)
+        cfg = dataclasses.replace(cfg, demo_checkpoint=str(demo_file))   # as the profile's default is: unchecked
+        assert not nb.demo_checkpoint_fits(cfg)
+        run_dir = nb.run_directory(cfg)
+        assert nb.teacher_source(cfg)[0] == run_dir / "teacher.pth"
+        with pytest.raises(nb.NotTrainedYet, match="run the Training section first"):
+            nb.trained_teacher(cfg, torch.device("cpu"))
+    assert nb.demo_checkpoint_fits(tiny(nb, tmp_path, demo_checkpoint=str(demo_file)))
+
+
 def test_what_an_evaluation_exports_goes_to_its_own_run_folder_and_names_its_source(nb, tmp_path):
     cfg = tiny(nb, tmp_path, data_root=str(image_folder(tmp_path / "photos")))
     run_dir = nb.run_directory(cfg)

@@ -528,3 +528,30 @@ def test_a_run_whose_last_layer_stays_frozen_throughout_says_so(nb, tmp_path, ca
                        freeze_last_layer=freeze_last_layer)
         nb.train_dino(cfg, data, data, torch.device("cpu"), max_steps=1, progress=False)
         assert (note in capsys.readouterr().out) == says, (epochs, freeze_last_layer)
+
+
+def test_a_run_whose_data_changed_is_not_resumed_on_the_new_schedule(nb, tmp_path):
+    """Photos added to or removed from data_root change the steps of an epoch: the saved step would stand for
+    another point of the schedule (a grown run trained on past its end and saved nothing; a shrunk one was
+    called finished and exported early). Refused, naming both counts; nothing in the run's folder changes."""
+    cfg = tiny_cfg(nb, tmp_path)   # 16 images: 4 steps an epoch, 8 in all
+    nb.train_dino(cfg, Data(n=16), Data(n=16), torch.device("cpu"), max_steps=6, progress=False)
+    run_dir = tmp_path / "ck" / cfg.run_name
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    for n in (24, 12):   # grown: 6 steps an epoch; shrunk: 3, so step 6 would end the run
+        with pytest.raises(nb.ConfigError, match=rf"last.pth: a run of 16 training images an epoch, but the data "
+                                                 rf"now give {n} .*train anew under another run_name"):
+            nb.train_dino(cfg, Data(n=n), Data(n=n), torch.device("cpu"), progress=False)
+        assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    resumed, _ = nb.train_dino(cfg, Data(n=16), Data(n=16), torch.device("cpu"), progress=False)
+    assert resumed.step == 8 and (run_dir / "teacher.pth").is_file()
+
+
+def test_every_epoch_is_summed_up_though_it_has_fewer_steps_than_log_every_steps(nb, tmp_path, capsys):
+    """An epoch's last step is always logged, so its summary and the stall alarm have figures (with 4 steps an
+    epoch and log_every_steps 10, two of three epochs printed 'loss nan')."""
+    cfg = tiny_cfg(nb, tmp_path, epochs=3, warmup_epochs=1, log_every_steps=10)
+    _, rows = nb.train_dino(cfg, Data(), Data(), torch.device("cpu"), progress=False)
+    assert [r["step"] for r in rows if r["kind"] == "step"] == [1, 4, 8, 11, 12]   # steps 0 and 10 taken, and each last
+    summaries = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert len(summaries) == 3 and not any("nan" in line for line in summaries), summaries
