@@ -12,7 +12,8 @@ PYTEST := $(BIN)/python -m pytest -p no:cacheprovider -o tmp_path_retention_poli
 .PHONY: setup demo test notebook bench torchrun clean
 
 NPROC ?= 1
-PROFILE ?= imagenet64
+# DINO_PROFILE is read as the notebook and torchrun_train.py read it; PROFILE wins over it
+PROFILE ?= $(or $(DINO_PROFILE),imagenet64)
 SET ?=
 
 $(STAMP): requirements.txt

@@ -164,3 +164,39 @@ def test_labels_changed_in_place_are_caught_and_rebuilt(nb, built):
     assert again.labels.tolist() == list(range(N))
     np.testing.assert_array_equal(again.images[:], images)
     assert again.verify() == N // 16
+
+
+def test_reading_a_cache_never_needs_to_write(nb, built, monkeypatch):
+    """A cache whose seal broke (chmod, a copy) is resealed once every block matched; in a read-only or full
+    folder that write fails, and the read goes on (it raised from inside a batch or a k-NN pass)."""
+    root, cache, ds, images = built
+    time.sleep(0.05)
+    os.chmod(f"{ds.prefix}.u8", 0o400)   # the seal is broken: every block is checked, then a reseal is tried
+
+    def read_only_folder(prefix, meta):
+        raise OSError(30, f"Read-only file system: '{prefix}.json'")
+
+    monkeypatch.setattr(nb, "write_cache_meta", read_only_folder)
+    copied = nb.ImageNet64(root, "val", cache_dir=cache)
+    np.testing.assert_array_equal(copied.images[:], images)
+    assert copied.images.all_checked and saved_seal(ds.prefix) != nb.file_seal(open(f"{ds.prefix}.u8"))
+
+
+def test_a_killed_conversions_temp_files_are_removed_by_the_next_one(nb, tmp_path):
+    """SIGKILL or SIGTERM skip the `finally` that deletes a conversion's temp file: the next conversion of
+    that cache removes those untouched for an hour; a fresh one may be another process's under way: kept."""
+    images = np.random.default_rng(0).integers(0, 256, (N, 3, 64, 64), dtype=np.uint8)
+    write_val(tmp_path / "r", images, list(range(1, N + 1)))
+    prefix = nb.ImageNet64(tmp_path / "r", "val", cache_dir=tmp_path / "c").prefix
+    old, fresh = (tmp_path / "c" / f".{prefix.name}.u8.{digits * 16}.tmp" for digits in ("a", "b"))
+    other = tmp_path / "c" / f".{prefix.name}x.u8.{'c' * 16}.tmp"   # another cache's name that starts alike
+    for path in (old, fresh, other):
+        path.write_bytes(b"\0" * 1000)
+    hours_ago = time.time() - 2 * 3600
+    for path in (old, other):
+        os.utime(path, (hours_ago, hours_ago))
+    write_val(tmp_path / "r", images[::-1].copy(), list(range(1, N + 1)))   # a changed source: rebuilt
+    rebuilt = nb.ImageNet64(tmp_path / "r", "val", cache_dir=tmp_path / "c")
+    np.testing.assert_array_equal(rebuilt.images[:], images[::-1])
+    assert not old.exists() and fresh.exists() and other.exists()
+    assert nb.remove_stale_temps(tmp_path / "c") == 2000 and not fresh.exists() and not other.exists()

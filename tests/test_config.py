@@ -11,6 +11,7 @@ from torchrun_train import parse_overrides
 
 BAD = [  # (override, words the error must hold)
     (dict(batch_size=0), "batch_size=0: must be > 0"),
+    (dict(out_dim=1), r"out_dim=1: must be >= 2 \(a softmax over one prototype is 1 whatever the image\)"),
     (dict(patch_size=0), "patch_size=0: must be > 0"),
     (dict(img_size=60), "img_size=60: must be a multiple of patch_size=8"),
     (dict(global_crop_size=60), "global_crop_size=60: must be a multiple of patch_size=8"),

@@ -75,7 +75,8 @@ def test_knn_k_larger_than_train_set_and_few_classes(nb):
     train = directions([0, 10, 120, 130])
     train_labels = torch.tensor([0, 0, 1, 1])
     queries, labels = directions([3, 125, 60]), torch.tensor([0, 1, 1])
-    result = nb.knn_classify(train, train_labels, queries, labels, k=(20, 200))
+    with pytest.warns(UserWarning, match="k-NN: the memory bank holds 4 features, fewer than k=200: every one"):
+        result = nb.knn_classify(train, train_labels, queries, labels, k=(20, 200))
     # all 4 neighbours vote; 2 classes only, so top-5 is every class with a vote: 100%
     for k in (20, 200):
         assert result[k][1] == 100.0

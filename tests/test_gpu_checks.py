@@ -10,11 +10,13 @@ import pytest
 SCRIPT = Path(__file__).parent / "benchmarks" / "gpu_checks.sh"
 STAND_IN = """#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
-case "$*" in *"--variants graphs --no-profile"*) echo "graphs  vit_tiny  1234 images/s" ;; esac
+case "$*" in *"--variants graphs --no-profile"*) [ "${SMOKE:-ok}" = ok ] && echo "graphs  vit_tiny  1234 images/s" ;; esac
+case "$*" in *"${FAIL:-no such script}"*) echo "graphs: FAILED"; exit 3 ;; esac
 """
 
 TIMEOUT_STAND_IN = """#!/usr/bin/env bash
 echo "$1 ${3##*/}" >> "$LIMITS"
+case "${3##*/}" in "${TIME_OUT:-none}") exit 124 ;; esac
 shift
 exec "$@"
 """
@@ -87,3 +89,28 @@ def test_each_part_keeps_to_its_share_of_a_15_minute_lease(tmp_path, part, graph
     assert len(given) == len(set(scripts)) and max(given.values()) <= deadline
     if part == "learn":
         assert given["bench_learn.py"] >= 385 and sum(given.values()) <= deadline
+
+
+def test_a_failed_or_timed_out_step_is_said_and_ends_the_script_with_status_1(tmp_path):
+    """A crash or a timeout was lost in the pipe to tee: the script said 'done' and exited 0."""
+    done, scripts = run_checks(tmp_path, FAIL="bench_head_loss.py", TIME_OUT="bench_learn.py")
+    assert done.returncode == 1 and scripts[-1] == "bench_train.py"   # the steps after a failure still run
+    assert "FAILED (exit 3): python3 tests/benchmarks/bench_head_loss.py" in done.stdout
+    assert "FAILED (timed out after 390 s): python3 tests/benchmarks/bench_learn.py" in done.stdout
+    assert done.stdout.strip().endswith("failed: learn.txt bench_head_loss.txt")
+
+
+def test_a_failed_graph_check_turns_the_graphs_off(tmp_path):
+    """check_graphs.py says FAILED and exits 1 when the graph step differs from the eager one: the learning
+    run then goes without graphs, and the answer to pass on as GRAPHS is false."""
+    done, scripts = run_checks(tmp_path, PART="learn", FAIL="check_graphs.py")
+    assert done.returncode == 1 and scripts == ["bench_train.py", "check_graphs.py", "bench_learn.py"]
+    assert "CUDA graphs work: false" in done.stdout
+    assert (tmp_path / "calls.txt").read_text().strip().endswith("cuda_graphs=false")
+
+
+def test_an_older_calls_smoke_log_is_not_this_calls_answer(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "smoke.txt").write_text("graphs  vit_tiny  1234 images/s\n")   # a passing call before
+    done, scripts = run_checks(tmp_path, PART="learn", SMOKE="failed")
+    assert scripts == ["bench_train.py", "bench_learn.py"] and "CUDA graphs work: false" in done.stdout

@@ -555,3 +555,19 @@ def test_every_epoch_is_summed_up_though_it_has_fewer_steps_than_log_every_steps
     assert [r["step"] for r in rows if r["kind"] == "step"] == [1, 4, 8, 11, 12]   # steps 0 and 10 taken, and each last
     summaries = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
     assert len(summaries) == 3 and not any("nan" in line for line in summaries), summaries
+
+
+def test_a_finished_run_whose_checkpoints_were_deleted_only_loads(nb, tmp_path, capsys):
+    """Keeping only teacher.pth (save_every_epochs=0, last.pth deleted to save disk): the re-run retrained from
+    step 0, emptied the log, then redid its last epoch at every later run. It is finished: nothing is trained,
+    nothing in its folder changes, and its history is its log's."""
+    cfg = tiny_cfg(nb, tmp_path, save_every_epochs=0)
+    _, rows = nb.train_dino(cfg, Data(), Data(), torch.device("cpu"), progress=False)
+    run_dir = tmp_path / "ck" / cfg.run_name
+    (run_dir / "last.pth").unlink()
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    capsys.readouterr()
+    trainer, history = nb.train_dino(cfg, Data(), Data(), torch.device("cpu"), progress=False)
+    assert trainer is None and history == rows
+    assert "the run is finished and its training checkpoints are gone" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before

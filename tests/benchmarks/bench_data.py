@@ -9,6 +9,7 @@ every block once after it was touched; then 100k random indices (images/s, RSS: 
 Usage: python tests/benchmarks/bench_data.py [--n 128116] [--dir /tmp/bench_imagenet64]
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -115,7 +116,7 @@ def read(root, cache, n_reads):
 
 def child(mode, *args):
     out = subprocess.run([sys.executable, __file__, "--child", mode, *map(str, args)],
-                         check=True, capture_output=True, text=True).stdout
+                         check=True, stdout=subprocess.PIPE, text=True).stdout   # its errors go to the terminal
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -134,7 +135,12 @@ def main():
         print(json.dumps(result))
         return
     root, cache = Path(a.dir) / "src", Path(a.dir) / "cache"
-    shutil.rmtree(a.dir, ignore_errors=True)
+    others = sorted(p.name for p in Path(a.dir).iterdir() if p.name not in ("src", "cache")) \
+        if Path(a.dir).is_dir() else []
+    if others:   # it deletes its own two folders only: a folder of other files was given by mistake
+        raise SystemExit(f"--dir {a.dir} holds {others[:3]}, not only this benchmark's src/ and cache/: "
+                         f"give a new or empty folder")
+    remove_folders(a.dir, root, cache)
     t = time.perf_counter()
     subprocess.run([sys.executable, __file__, "--child", "write", str(root), "--n", str(a.n)], check=True)
     print(f"wrote {a.n} images in the official pickle format in {time.perf_counter() - t:.1f} s")
@@ -173,7 +179,15 @@ def main():
           f"{r['batch256_images_per_s']:,.0f} images/s in sorted batches of 256")
     print(f"RSS before/after reads: anonymous {b['anon']:.0f} -> {e['anon']:.0f} MB (flat in N), "
           f"memmap file pages {b['file']:.0f} -> {e['file']:.0f} MB (page cache, reclaimable)")
-    shutil.rmtree(a.dir, ignore_errors=True)
+    remove_folders(a.dir, root, cache)
+
+
+def remove_folders(folder, *inside):
+    """This benchmark's folders inside `folder`, then `folder` itself if that leaves it empty."""
+    for path in inside:
+        shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        Path(folder).rmdir()
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def main():
     results = {}
     for kind in ("logits", "split"):
         out = subprocess.run([sys.executable, __file__, "--one", kind] + sys.argv[1:], check=True,
-                             capture_output=True, text=True).stdout
+                             stdout=subprocess.PIPE, text=True).stdout   # its errors go to the terminal
         results[kind] = json.loads(out.strip().splitlines()[-1])
         r = results[kind]
         print(f"  {kind:6s}: loss {r['loss']:.6f}, {1000 * r['seconds']:.0f} ms, peak memory "

@@ -61,11 +61,12 @@ def main(args):
           f"the stored features take {args.train * args.dim * 4 / 2**20:.0f} MiB)")
     print(f"{'query chunk':>11} {'train chunk':>11} {'block MiB':>9} {'seconds':>8} {'peak +MiB':>9}"
           + (f" {'cuda MiB':>9}" if args.device == "cuda" else "") + "  top-1 (k=20, chance 0.1%)")
-    for chunk, train_chunk in CHUNKINGS:
+    given = (args.chunk, args.train_chunk) != (None, None)   # one blocking asked for, or the four compared
+    for chunk, train_chunk in [(args.chunk or 512, args.train_chunk or 32768)] if given else CHUNKINGS:
         cmd = [sys.executable, __file__, "--child", "--chunk", str(chunk), "--train-chunk", str(train_chunk)]
         cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                 if k in ("device", "queries", "train", "dim", "classes")]
-        line = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
+        line = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=os.environ).stdout   # errors shown
         r = json.loads(line.strip().splitlines()[-1])
         block = chunk * train_chunk * 4 / 2**20
         print(f"{chunk:>11} {train_chunk:>11} {block:>9.0f} {r['seconds']:>8.2f} {r['rss_delta_mb']:>9.0f}"
@@ -79,8 +80,8 @@ if __name__ == "__main__":
     parser.add_argument("--train", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--chunk", type=int, default=512)
-    parser.add_argument("--train-chunk", type=int, default=32768)
+    parser.add_argument("--chunk", type=int, default=None, help="queries per block (default: compare four blockings)")
+    parser.add_argument("--train-chunk", type=int, default=None, help="stored features per block")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     child(args) if args.child else main(args)

@@ -22,6 +22,7 @@ import dataclasses
 import itertools
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -190,7 +191,8 @@ def main():
         if loader is None:   # one for the run, as train_dino's: its reader processes start once, timed here
             loader = nb.run_loader(trainer, train.images)
         for images in itertools.islice(loader, trainer.iters_per_epoch):
-            log_now = trainer.step % cfg.log_every_steps == 0
+            # every log_every_steps-th step and each epoch's last, as the notebook's loop logs them
+            log_now = nb.is_logged(trainer) if hasattr(nb, "is_logged") else trainer.step % cfg.log_every_steps == 0
             stats = nb.train_step(trainer, images, log_now)
             rows += [stats] if log_now else []
             images_seen += len(images)
@@ -224,6 +226,7 @@ def main():
                           f"trained, epoch {epochs[-1]['epoch']:g}": (trainer.teacher.backbone,
                                                                       epochs[-1]["attention_jaccard"])},
                      val, cfg, out.with_name(f"learn-{a.name}-attention.jpg"))
+    shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)   # shapes_config's temporary folder
     print(f"wrote {out} and its attention figure")
 
 

@@ -7,6 +7,7 @@ runs the same, in turn, in its own process.
 """
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,8 +40,12 @@ def one_run(a):
     cfg = shapes_config(nb, "short", a.img_size, arch="vit_small", batch_size=32, epochs=a.epochs,
                         num_workers=a.one, save_every_epochs=0, figure_dir=tempfile.mkdtemp(prefix="bench-readers-"))
     tick = time.perf_counter()
-    nb.train_dino(cfg, train, val, torch.device("cpu"), progress=False)
-    total = time.perf_counter() - tick
+    try:
+        nb.train_dino(cfg, train, val, torch.device("cpu"), progress=False)
+        total = time.perf_counter() - tick
+    finally:   # the run's checkpoints (about 440 MB) and figures go with it
+        for folder in (cfg.checkpoint_dir, cfg.figure_dir):
+            shutil.rmtree(folder, ignore_errors=True)
     name = Path(os.environ.get("DINO_NOTEBOOK", "dino_vit.ipynb")).name
     print(f"RESULT {machine(torch.device('cpu'))}; {name}, num_workers={a.one}: epochs "
           + " ".join(f"{s:.1f}" for s in seconds) + f" s; run {total:.1f} s", flush=True)
