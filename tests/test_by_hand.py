@@ -248,9 +248,11 @@ def test_a_refused_checkpoint_leaves_the_next_cell_a_clear_error(interrupted_and
     next_cell = next(src for src in evaluation[evaluation.index(load_cell) + 1:]
                      if "teacher_backbone" in src and not is_export(src))
     kernel.run_ok(load_cell)  # the demo checkpoint fits the demo profile
-    kernel.run_ok('cfg = make_config(profile, **{**overrides, "arch": "vit_small"})')
+    kernel.run_ok('cfg = make_config(profile, **{**overrides, "arch": "vit_small"})')   # shows its own teacher
+    kernel.run_ok('damaged = run_directory(cfg) / "teacher.pth"; damaged.parent.mkdir(parents=True, exist_ok=True); '
+                  'damaged.write_bytes(b"\\xff\\xd8\\xff a JPEG, not a checkpoint")')
     error, _ = kernel.run(load_cell)
-    assert error is not None and "does not fit" in error
+    assert error is not None and "teacher.pth is damaged: not a complete zip archive" in error
     error, _ = kernel.run(next_cell)
     assert error is not None and "no teacher loaded" in error
     features_cell, table_cell = (next(src for src in evaluation
@@ -260,7 +262,7 @@ def test_a_refused_checkpoint_leaves_the_next_cell_a_clear_error(interrupted_and
     assert error is not None and "no teacher loaded" in error
     error, _ = kernel.run(table_cell)
     assert error is not None and "no features (the cell above) loaded" in error
-    kernel.run_ok("cfg = make_config(profile, **overrides)")
+    kernel.run_ok("damaged.unlink(); damaged.parent.rmdir(); cfg = make_config(profile, **overrides)")
 
 
 def test_a_refused_setting_leaves_no_old_config_for_the_cells_below(interrupted_and_straight_runs):

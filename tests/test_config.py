@@ -1,6 +1,7 @@
 """Settings are checked where they are made: the error names the field, the value and what is allowed."""
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,19 @@ def test_a_device_this_machine_lacks_is_refused_where_it_is_picked(nb, monkeypat
     assert nb.pick_device("cuda:1") == nb.torch.device("cuda", 1)
     with pytest.raises(nb.ConfigError, match=r"device='cuda:2', but torch .* sees 2 CUDA GPU\(s\)"):
         nb.pick_device("cuda:2")
+
+
+def test_the_folders_a_run_writes_to_expand_their_tilde(nb):
+    """`~/dino_runs` made a folder named '~' under the notebook's folder: expanded as data_root is."""
+    cfg = nb.make_config("demo", checkpoint_dir="~/dino_runs", cache_dir="~/c", figure_dir="~/f", embedded_dir="~/e")
+    home = os.path.expanduser("~")
+    assert [cfg.checkpoint_dir, cfg.cache_dir, cfg.figure_dir, cfg.embedded_dir] == \
+        [f"{home}/dino_runs", f"{home}/c", f"{home}/f", f"{home}/e"]
+
+
+def test_a_profile_among_the_overrides_says_it_is_a_parameter_of_its_own(nb):
+    with pytest.raises(nb.ConfigError, match=r"overrides holds profile='short': the profile is the notebook's "
+                                             r"other parameter; give it as -p profile short"):
+        nb.config_from_parameters("demo", {"profile": "short", "epochs": 1})
+    with pytest.raises(nb.ConfigError, match=r"unknown profile \['demo'\]"):   # not 'unhashable type'
+        nb.make_config(["demo"])

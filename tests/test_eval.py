@@ -247,3 +247,17 @@ def test_retrieval_frames_neighbours_by_class_only_where_there_are_labels(nb):
     assert len(colours) == 8 and sum(c[1] > c[0] for c in colours) == 6    # 6 green (same class), 2 red
     assert sum(len(ax.patches) for ax in plain.axes) == 0 and framed._suptitle.get_text() == "model; data"
     plt.close("all")
+
+
+def test_the_mean_patch_token_leaves_the_registers_out(nb):
+    """The probe's average-pooled feature (ViT-B's protocol) is the mean of the patch tokens; a DINOv2 model's
+    register tokens sit between the CLS token and the patches and were averaged in with them."""
+    model = nb.VisionTransformer(28, 14, embed_dim=48, depth=2, num_heads=3, num_register_tokens=4,
+                                 layerscale_init=1.0).eval()
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens = model.get_intermediate_layers(x, 1)[0]   # CLS, 4 registers, 16 patches
+        features = nb.backbone_features(model, x, 1, avgpool=True)
+    assert tokens.shape[1] == 1 + 4 + 16
+    assert torch.equal(features[:, :48], tokens[:, 0])
+    assert (features[:, 48:] - tokens[:, 5:].mean(dim=1)).abs().max() < 1e-6

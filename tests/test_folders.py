@@ -404,6 +404,21 @@ def test_export_features_of_a_folder_and_of_files(nb, tmp_path, small_vit):
     assert not (out2 / "labels.npy").exists()
 
 
+def test_an_unlabelled_export_leaves_no_labels_of_an_earlier_one_and_names_files_in_full(nb, tmp_path,
+                                                                                          small_vit, monkeypatch):
+    """Into a folder that held a labelled export, an unlabelled one left the old labels.npy and classes.json
+    beside features they do not describe; files given by relative paths were recorded as given."""
+    for c in ("a", "b"):
+        for i in range(2):
+            write_png(tmp_path / "f" / c / f"{i}.png", asymmetric(20, 30, seed=i + (c == "b") * 7))
+    nb.export_features(small_vit, tmp_path / "f", tmp_path / "out", workers=1)
+    assert (tmp_path / "out" / "labels.npy").exists()
+    monkeypatch.chdir(tmp_path)
+    out = nb.export_features(small_vit, ["f/a/0.png"], tmp_path / "out", workers=1)
+    assert sorted(p.name for p in out.iterdir()) == ["features.npy", "files.json"]
+    assert json.loads((out / "files.json").read_text()) == [str((tmp_path / "f" / "a" / "0.png").resolve())]
+
+
 def test_attention_rows_for_files_of_any_size_and_aspect(nb, tmp_path, small_vit):
     exif = Image.Exif()
     exif[0x0112] = 6

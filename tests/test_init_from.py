@@ -157,3 +157,20 @@ def test_the_fresh_head_is_said_once_however_many_models_are_built(nb, tmp_path,
     for _ in range(3):   # the illustration, the training run and the baseline each build the models
         nb.build_models(cfg, torch.device("cpu"))
     assert capsys.readouterr().out.count("head starts fresh") == 1
+
+
+def test_a_dinov2_file_named_as_the_teacher_is_read_into_its_own_vit(nb, tmp_path):
+    """evaluate_file = a DINOv2 release (patch 14, registers, LayerScale) with no init_from: it passed the
+    config's check, then failed to load strictly into the config's patch-8 ViT. It is read as init_from reads
+    it, into the ViT it describes."""
+    release = nb.VisionTransformer(518, 14, embed_dim=192, depth=12, num_heads=3, num_register_tokens=4,
+                                   layerscale_init=1.0)
+    torch.save(random_file_weights(release, seed=5), tmp_path / "dinov2_vitt14_reg4_pretrain.pth")
+    cfg = nb.make_config("demo", evaluate_file=str(tmp_path / "dinov2_vitt14_reg4_pretrain.pth"),
+                         checkpoint_dir=str(tmp_path / "ck"))
+    backbone, path = nb.trained_teacher(cfg, torch.device("cpu"))
+    assert (backbone.patch_size, backbone.num_register_tokens) == (14, 4) and not backbone.training
+    expected = nb.backbone_from_checkpoint(path).eval()
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(backbone(x), expected(x))
