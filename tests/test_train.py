@@ -571,3 +571,15 @@ def test_a_finished_run_whose_checkpoints_were_deleted_only_loads(nb, tmp_path, 
     assert trainer is None and history == rows
     assert "the run is finished and its training checkpoints are gone" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_a_run_of_a_patch_size_that_does_not_divide_the_default_crops_resumes_and_finishes(nb, tmp_path):
+    """Patch 14 (DINOv2's) at 28-pixel crops: a checkpoint's claimed config was rebuilt from the defaults'
+    64/32-pixel crops, which 14 does not divide, so the run's own last.pth was 'damaged' and its end could
+    not write teacher.pth."""
+    cfg = tiny_cfg(nb, tmp_path, patch_size=14, img_size=28, global_crop_size=28, local_crop_size=14)
+    half, _ = nb.train_dino(cfg, Data(), Data(), torch.device("cpu"), max_steps=3, progress=False)
+    resumed, _ = nb.train_dino(cfg, Data(), Data(), torch.device("cpu"), progress=False)
+    assert half.step == 3 and resumed.step == 8
+    teacher = torch.load(tmp_path / "ck" / cfg.run_name / "teacher.pth", weights_only=True)
+    assert teacher["patch_embed.proj.weight"].shape[-1] == 14
