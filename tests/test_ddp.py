@@ -26,13 +26,18 @@ def write_imagenet64(root, n_train=32, n_val=8):
             pickle.dump(batch, f)
 
 
+def rank_env(tmp_path):
+    """One thread a rank; torchrun's log folders (torchelastic_*) in the test's own folder, not left in /tmp."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+
+
 def launch(tmp_path, run_name, nproc, batch_size):
     settings = SETTINGS + [f"batch_size={batch_size}", f"run_name={run_name}", f"data_root={tmp_path / 'data'}",
                            f"cache_dir={tmp_path / 'cache'}", f"checkpoint_dir={tmp_path / 'ck'}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(LAUNCHER), "--profile", "demo", "--max-steps", "4", "--dump-teachers", "--set", *settings]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env=rank_env(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return tmp_path / "ck" / run_name
 
@@ -69,7 +74,7 @@ def run_two_ranks(script_text, tmp_path):
     script.write_text(script_text.format(tests=str(Path(__file__).resolve().parent), tmp=str(tmp_path)))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(script)], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env=rank_env(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -196,7 +201,7 @@ def test_a_ctrl_c_on_any_rank_stops_every_rank_at_the_same_step_and_rank_0_saves
            "--profile", "demo", "--set", *settings]
     run_dir = tmp_path / "ck" / run_name
     with open(tmp_path / "out.txt", "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=rank_env(tmp_path))
         try:
             deadline = time.monotonic() + 300
             while not ((run_dir / "log.jsonl").exists() and (run_dir / "log.jsonl").read_text().count('"step"') > 3):
