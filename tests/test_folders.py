@@ -251,6 +251,7 @@ def test_flat_folder_trains_without_labels(nb, tmp_path):
     assert train.images.shape == (len(train), 3, 16, 16) and set(train.labels.tolist()) == {0}
     assert nb.class_count(train) == "no labels (a flat folder)"   # not "1 classes"
     assert nb.class_count(val) == "no labels (a flat folder)"
+    assert nb.label_name(val, 0, nb.make_config("demo")) == ""   # figures title no 'class 0'
 
 
 def test_every_suffix_pil_reads_is_read_and_others_are_counted(nb, tmp_path):

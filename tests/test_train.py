@@ -539,12 +539,15 @@ def test_a_run_whose_data_changed_is_not_resumed_on_the_new_schedule(nb, tmp_pat
     run_dir = tmp_path / "ck" / cfg.run_name
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     for n in (24, 12):   # grown: 6 steps an epoch; shrunk: 3, so step 6 would end the run
-        with pytest.raises(nb.ConfigError, match=rf"last.pth: a run of 16 training images an epoch, but the data "
-                                                 rf"now give {n} .*train anew under another run_name"):
+        with pytest.raises(nb.ConfigError, match=rf"last.pth: a run on 16 training images, but the data now give "
+                                                 rf"{n} .*: restore the data to resume it, or train anew under"):
             nb.train_dino(cfg, Data(n=n), Data(n=n), torch.device("cpu"), progress=False)
         assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
     resumed, _ = nb.train_dino(cfg, Data(n=16), Data(n=16), torch.device("cpu"), progress=False)
     assert resumed.step == 8 and (run_dir / "teacher.pth").is_file()
+    with pytest.raises(nb.ConfigError, match=r"a finished run on 16 training images, but the data now give 24 .*: "
+                                             r"its teacher.pth is still evaluated as it is; to train on these data"):
+        nb.train_dino(cfg, Data(n=24), Data(n=24), torch.device("cpu"), progress=False)
 
 
 def test_every_epoch_is_summed_up_though_it_has_fewer_steps_than_log_every_steps(nb, tmp_path, capsys):
@@ -583,3 +586,11 @@ def test_a_run_of_a_patch_size_that_does_not_divide_the_default_crops_resumes_an
     assert half.step == 3 and resumed.step == 8
     teacher = torch.load(tmp_path / "ck" / cfg.run_name / "teacher.pth", weights_only=True)
     assert teacher["patch_embed.proj.weight"].shape[-1] == 14
+
+
+def test_the_demonstration_runs_are_a_vit_tiny_whatever_the_profiles_arch(nb, tmp_path):
+    """The checks that train in seconds (the kill check, centring and sharpening switched off) are described
+    as ViT-Ti/16 runs; under arch=vit_small they were ViT-S/16 runs, slower and not what the prose says."""
+    for arch in ("vit_small", "vit_base"):
+        shrunk = nb.seconds_long(nb.make_config("demo", arch=arch), epochs=2)
+        assert (shrunk.arch, shrunk.patch_size, shrunk.epochs) == ("vit_tiny", 16, 2)
