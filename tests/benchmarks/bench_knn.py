@@ -62,7 +62,8 @@ def main(args):
     print(f"{'query chunk':>11} {'train chunk':>11} {'block MiB':>9} {'seconds':>8} {'peak +MiB':>9}"
           + (f" {'cuda MiB':>9}" if args.device == "cuda" else "") + "  top-1 (k=20, chance 0.1%)")
     given = (args.chunk, args.train_chunk) != (None, None)   # one blocking asked for, or the four compared
-    for chunk, train_chunk in [(args.chunk or 512, args.train_chunk or 32768)] if given else CHUNKINGS:
+    asked = [(args.chunk or CHUNKINGS[0][0], args.train_chunk or CHUNKINGS[0][1])]   # the other as the first's
+    for chunk, train_chunk in asked if given else CHUNKINGS:
         cmd = [sys.executable, __file__, "--child", "--chunk", str(chunk), "--train-chunk", str(train_chunk)]
         cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                 if k in ("device", "queries", "train", "dim", "classes")]
