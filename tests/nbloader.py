@@ -2,7 +2,10 @@
 
 Tests, benchmarks and the multi-GPU launcher import the notebook's own code through this loader, so
 what they run is what the notebook defines. `DINO_NOTEBOOK` points it at another notebook file.
+`parse_overrides` reads the scripts' `--set key=value ...` Config overrides, one spelling for all of them.
 """
+import ast
+import dataclasses
 import json
 import os
 import sys
@@ -41,3 +44,25 @@ def load_notebook(path=None, name="dino_vit"):
     for i, src in enumerate(export_sources(path)):
         exec(compile(src, f"{path.name}[export {i}]", "exec"), module.__dict__)
     return module
+
+
+def parse_overrides(pairs, config=None):
+    """Config overrides from `--set key=value ...`: each value read as JSON (`false`, `null`, `[0.4, 1]`),
+    else as a Python literal (`False`, `None`, `(0.4, 1)`), else kept as the plain string (`vit_small`); a
+    field that the dataclass `config` declares a str keeps its text as it is (`run_name=123`)."""
+    text_fields = {f.name for f in dataclasses.fields(config) if f.type in (str, "str")} if config else set()
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        if key in out:
+            raise SystemExit(f"--set gives {key} twice ({key}={out[key]!r} and {pair!r}): keep one")
+        out[key] = value
+        for read in (json.loads, ast.literal_eval) if key not in text_fields else ():
+            try:
+                out[key] = read(value)
+                break
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):   # not that spelling
+                continue
+    return out

@@ -170,3 +170,16 @@ def test_present_checkpoint_loads_vit_small_8(nb, tmp_path):
     assert torch.equal(model.pos_embed, state["pos_embed"]) and model.pos_embed.shape[1] == 1 + 28 * 28
     maps = nb.cls_attention_maps(model, np.zeros((1, 3, 40, 56), np.uint8))
     assert maps.shape == (1, 6, 5, 7)
+
+
+def test_a_release_file_of_another_model_is_refused_not_titled_as_the_field(nb, tmp_path):
+    """A ViT-B/16 saved as dinov2_reg_path was loaded and its figures titled "DINOv2 ViT-S/14 + registers",
+    its register-free token norms shown as the registers' case. It is refused by name, found against wanted."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in nb.vit_base(patch_size=16, img_size=224).state_dict().items()}
+    torch.save({k: torch.randn(shape) * 0.02 for k, shape in shapes.items()}, tmp_path / "dino_vitbase16_pretrain.pth")
+    cfg = nb.make_config("demo", dinov2_reg_path=str(tmp_path / "dino_vitbase16_pretrain.pth"))
+    with pytest.raises(nb.ConfigError, match=r"dinov2_reg_path=.*dino_vitbase16_pretrain\.pth' holds a ViT of width "
+                       r"768, patch 16 and 0 register\(s\); this field is for dinov2_vits14_reg4_pretrain\.pth, the "
+                       r"DINOv2 ViT-S/14 \+ registers: width 384, patch 14, 4 register\(s\)"):
+        nb.load_pretrained(cfg, "dinov2_reg_path")

@@ -108,12 +108,16 @@ def run_definitions_above(kernel, title):
 
 
 def run_section_alone(title, overrides):
-    """A fresh kernel: Setup, the definitions above `title`, then every cell of the section."""
+    """A fresh kernel: Setup, the definitions above `title`, then every cell of the section; then each of its
+    checked cells (`# NBVAL_CHECK_OUTPUT`) once more, which must print what it printed (three drew from a
+    generator or the global random state that the first run had moved on)."""
     kernel = start_with_setup(overrides)
     try:
         run_definitions_above(kernel, title)
-        for src in dict(SECTIONS)[title]:
-            kernel.run_ok(src)
+        printed = {src: kernel.run_ok(src) for src in dict(SECTIONS)[title]}
+        for src, first in printed.items():
+            if src.startswith("# NBVAL_CHECK_OUTPUT"):
+                assert kernel.run_ok(src) == first, f"printed otherwise when run again:\n{src[:300]}"
     finally:
         kernel.close()
 
@@ -274,8 +278,14 @@ def test_a_refused_setting_leaves_no_old_config_for_the_cells_below(interrupted_
     assert error is not None and error.startswith("ConfigError: Config.epochs=0")
     error, _ = kernel.run(train_cell)
     assert error is not None and "no config (Setup) loaded" in error
+    long_run_cell = next(src for src in section_cells("Training") if src.startswith("long_log = Path(cfg."))
+    error, _ = kernel.run(long_run_cell)   # it reads cfg without require: "'NoneType' object has no attribute"
+    assert error is not None and "no config: run the settings cell (Setup) again" in error
     kernel.run_ok("overrides = good_overrides")
     kernel.run_ok(setup_cell)
+    plot_cell = next(src for src in section_cells("Training") if src.startswith("fig = plot_training("))
+    error, _ = kernel.run(plot_cell)   # new settings: no old run's history drawn under their run's name
+    assert error is not None and "no training history loaded" in error
 
 
 def test_an_interrupted_kill_check_leaves_no_process_behind(interrupted_and_straight_runs):

@@ -363,12 +363,28 @@ def test_a_damaged_log_line_is_skipped_with_a_warning(nb, tmp_path):
     step = lambda n, **kw: {**dict(kind="step", step=n, epoch=0, loss=1.0, entropy=0.5, kl=0.5, center_norm=0.1), **kw}
     rows = [step(1), dict(kind="eval", step=2, epoch=0, knn_top1=12.5, knn_top5=None), step(2, loss=0.5)]
     bad = ['{"kind": "step", "st', "[1, 2]", json.dumps({k: v for k, v in step(3).items() if k != "epoch"}),
-           json.dumps(step(3, loss="0.5")), json.dumps(step(3, epoch=True)), json.dumps(dict(kind="note", step=3))]
+           json.dumps(step(3, loss="0.5")), json.dumps(step(3, epoch=True)), json.dumps(dict(kind="note", step=3)),
+           json.dumps(dict(kind="eval", step=3, epoch=0, top1=40.0))]   # (it passed, then a KeyError in the plot)
     log.write_text("\n".join([json.dumps(rows[0]), bad[0], json.dumps(rows[1]), *bad[1:], json.dumps(rows[2])]) + "\n")
     with pytest.warns(UserWarning) as caught:
         assert nb.read_log(log) == rows
-    assert [str(w.message).split(":")[0] for w in caught] == [f"{log}, line {n}" for n in (2, 4, 5, 6, 7, 8)]
+    assert [str(w.message).split(":")[0] for w in caught] == [f"{log}, line {n}" for n in (2, 4, 5, 6, 7, 8, 9)]
     assert "a 'step' row whose epoch is missing or of the wrong type" in str(caught[2].message)
+    assert "'eval' row whose knn_top1 is missing or of the wrong type" in str(caught[-1].message)
+
+
+def test_a_resume_keeps_the_log_lines_it_cannot_read(nb, tmp_path):
+    """A resume rewrites the log cut back to its checkpoint's step: the lines it could not read (cut by a
+    crash, of a kind from a newer notebook) were dropped with it. They are moved beside it, byte for byte."""
+    step = lambda n: dict(kind="step", step=n, epoch=0, loss=1.0, entropy=0.5, kl=0.5, center_norm=0.1)
+    lines = [json.dumps(step(1)), json.dumps(dict(kind="probe", step=1, epoch=1, lin_top1=55.0)),
+             '{"kind": "step", "step": 2, "lo', json.dumps(step(2)), json.dumps(step(3))]
+    (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match=r"log.jsonl: its 2 damaged line\(s\) were moved to log-damaged-lines.txt"):
+        log = nb.RunLog(tmp_path / "log.jsonl", resume_step=2)
+    assert log.rows == [step(1), step(2)]
+    assert (tmp_path / "log.jsonl").read_text().splitlines() == [lines[0], lines[3]]
+    assert (tmp_path / "log-damaged-lines.txt").read_text().splitlines() == lines[1:3]
 
 
 def test_planted_links_are_never_followed(nb, tmp_path, monkeypatch):

@@ -188,3 +188,52 @@ def test_a_profile_among_the_overrides_says_it_is_a_parameter_of_its_own(nb):
         nb.config_from_parameters("demo", {"profile": "short", "epochs": 1})
     with pytest.raises(nb.ConfigError, match=r"unknown profile \['demo'\]"):   # not 'unhashable type'
         nb.make_config(["demo"])
+
+
+def test_the_scripts_read_set_values_in_either_spelling(nb):
+    """torchrun_train.py read `--set` values as Python literals and bench_learn.py as JSON, so `compile=false`
+    worked in one and was refused in the other ('false' is no bool). Both now read both spellings."""
+    from benchmarks import bench_learn
+    assert bench_learn.parse_overrides is parse_overrides   # the one parser of the scripts
+    json_style = parse_overrides(["compile=false", "global_crop_scale=[0.5, 1.0]", "seed=3"])
+    python_style = parse_overrides(["compile=False", "global_crop_scale=(0.5, 1.0)", "seed=3"])
+    assert json_style == {"compile": False, "global_crop_scale": [0.5, 1.0], "seed": 3}
+    assert parse_overrides(["a=null"]) == parse_overrides(["a=None"]) == {"a": None}
+    assert nb.make_config("demo", **json_style) == nb.make_config("demo", **python_style)
+    assert parse_overrides(["arch=vit_small", "run_name=a=b"]) == {"arch": "vit_small", "run_name": "a=b"}
+    for wrong, said in [("epochs", "expects key=value"), ("=3", "expects key=value")]:
+        with pytest.raises(SystemExit, match=said):
+            parse_overrides([wrong])
+    with pytest.raises(SystemExit, match="gives seed twice"):
+        parse_overrides(["seed=1", "seed=2"])
+
+
+def test_repeated_set_options_add_up_and_text_fields_keep_their_text(nb, monkeypatch):
+    """`--set epochs=7 --set batch_size=4` trained with batch_size alone (argparse kept the last --set), and
+    `run_name=123` was refused as an int: a str field keeps its text."""
+    import torchrun_train
+    made = {}
+    class Made(Exception):
+        pass
+    def stop(profile, **overrides):
+        made.update(overrides)
+        raise Made
+    monkeypatch.setattr(torchrun_train, "load_notebook", lambda: type("NB", (), dict(make_config=stop, Config=nb.Config)))
+    with pytest.raises(Made):
+        torchrun_train.main(["--profile", "demo", "--set", "epochs=7", "--set", "batch_size=4", "run_name=123"])
+    assert made == {"epochs": 7, "batch_size": 4, "run_name": "123"}
+    assert parse_overrides(["run_name=1e3", "arch=vit_small", "seed=1e3"], nb.Config) == \
+        {"run_name": "1e3", "arch": "vit_small", "seed": 1000.0}   # (a float seed is then refused by name)
+
+
+def test_a_missing_value_says_which_cell_makes_it(nb):
+    """After a refused setting the names a cell makes held None, and a cell using one failed with
+    "'NoneType' object has no attribute 'seed'"; Missing says what is missing and which cell makes it."""
+    cfg = nb.Missing("config", "the settings cell (Setup) again")
+    for use in (lambda: cfg.seed, lambda: len(cfg), lambda: cfg[0], lambda: bool(cfg), lambda: list(cfg)):
+        with pytest.raises(RuntimeError, match=r"no config: run the settings cell \(Setup\) again \(it failed"):
+            use()
+    assert not hasattr(cfg, "_repr_html_")   # what IPython probes for is simply absent
+    with pytest.raises(RuntimeError, match="no data set loaded: run the cell that makes it again"):
+        nb.require(nb.Missing("data set"), "data set")
+    assert nb.require(0, "zero") == 0

@@ -45,13 +45,14 @@ def png_declaring(path, width, height):
     (np.array([[-100, 0, 900]], np.int32), ".tif", [0, 26, 255]),                       # I, beyond 16 bits
     (np.array([[0.0, 0.5, 1.0]], np.float32), ".tif", [0, 128, 255]),                   # F in 0..1
     (np.array([[-2.0, 0.0, 6.0]], np.float32), ".tif", [0, 64, 255]),                   # F, any range
+    (np.array([[-2.0, np.nan, 6.0, np.inf, -np.inf]], np.float32), ".tif", [0, 0, 255, 255, 0]),  # F, no data
 ])
 def test_high_bit_depth_is_scaled_not_clipped(nb, tmp_path, array, suffix, expected):
     path = tmp_path / f"x{suffix}"
     Image.fromarray(array).save(path)
     assert Image.open(path).mode in ("I;16", "I;16B", "I", "F")
     rgb = nb.load_image(path)
-    assert rgb.dtype == np.uint8 and rgb.shape == (1, 3, 3)
+    assert rgb.dtype == np.uint8 and rgb.shape == (1, len(expected), 3)
     np.testing.assert_array_equal(rgb[0, :, 0], expected)
     np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])  # grey stays grey
 
@@ -73,6 +74,9 @@ def test_alpha_is_composited_on_white(nb, tmp_path):
     np.testing.assert_array_equal(nb.load_image(tmp_path / "p.png")[0], [[255] * 3, [40, 50, 60]])
     palette.save(tmp_path / "opaque.gif")
     np.testing.assert_array_equal(nb.load_image(tmp_path / "opaque.gif")[0], [[10, 20, 30], [40, 50, 60]])
+    for array in (np.array([[0, 30000, 65535]], np.uint16), np.array([[0, 117, 255]], np.uint8)):
+        Image.fromarray(array).save(tmp_path / "grey.png", transparency=0)   # its 0 transparent: white in both
+        np.testing.assert_array_equal(nb.load_image(tmp_path / "grey.png")[0, :, 0], [255, 117, 255])
 
 
 def test_cmyk_greyscale_and_bilevel_become_rgb(nb, tmp_path):
@@ -240,6 +244,37 @@ def test_folder_split_every_image_once_and_train_val_folders(nb, tmp_path):
         nb.folder_split(given, "val", 0.1)
 
 
+@pytest.mark.parametrize("held_out, beside", [("valid", ["test"]), ("validation", []), ("test", [])])
+def test_a_kaggle_layout_is_its_own_split_not_three_classes(nb, tmp_path, held_out, beside):
+    """train/ beside valid/ (Kaggle's and Roboflow's exports, often with test/), validation/ or test/ alone:
+    only train/ + val/ was a split, so these trained with the split names as the classes ['test', 'train',
+    'valid'], and the k-NN scored which split an image came from."""
+    for split in ["train", held_out, *beside]:
+        for c in ("cat", "dog"):
+            for i in range(3):
+                write_png(tmp_path / "set" / split / c / f"{i}.png", asymmetric(8, 8, seed=i))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        train, val = (nb.folder_split(tmp_path / "set", split, 0.1) for split in ("train", "val"))
+    assert train[2] == val[2] == ["cat", "dog"] and train[1] == val[1] == [0, 0, 0, 1, 1, 1]
+    assert {Path(p).parent.parent.name for p in val[0]} == {held_out} and f"own {held_out}/" in val[3]
+    assert {Path(p).parent.parent.name for p in train[0]} == {"train"}
+    assert [str(w.message) for w in said if "ignored ['test']" in str(w.message)] != [] or not beside
+    assert nb.labelled_images(tmp_path / "set")[2] == ["cat", "dog"]
+
+
+def test_a_class_folder_named_in_another_encoding_is_shown_escaped(nb, tmp_path):
+    """A folder b'caf\\xe9' (Latin-1, from an old zip or a Windows share): its name printed in the split's
+    counts failed under UTF-8 output, and drawn as a figure title failed in every environment."""
+    for c in (os.fsdecode(b"caf\xe9"), "dog"):
+        for i in range(2):
+            write_png(tmp_path / "f" / c / f"{i}.png", asymmetric(8, 8, seed=i))
+    paths, labels, classes = nb.list_image_folder(tmp_path / "f")
+    assert classes == ["caf\\xe9", "dog"] and labels == [0, 0, 1, 1]
+    classes[0].encode("utf-8")   # printable: no lone surrogate left
+    assert nb.folder_split(tmp_path / "f", "val", 0.5)[2] == classes
+
+
 # --- the data set, its size and its cache ---------------------------------------------------------
 
 def test_flat_folder_trains_without_labels(nb, tmp_path):
@@ -265,20 +300,25 @@ def test_every_suffix_pil_reads_is_read_and_others_are_counted(nb, tmp_path):
     assert sorted(p.suffix for p in paths) == [".pcx", ".png", ".ppm", ".tga"]
     images, ok, bad = nb.decode_chunk(paths, 8)
     assert ok.all() and not bad
+    assert not {".eps", ".ps"} & nb.IMAGE_SUFFIXES   # PIL would hand these to Ghostscript, a program outside it
 
 
 def test_hidden_files_and_folders_are_skipped_and_counted_once(nb, tmp_path):
     """A folder copied from macOS: ._0.png resource forks beside the images (a photo's suffix, no image),
-    .DS_Store, a zip's __MACOSX/ tree and a hidden folder of thumbnails; none is an image or a class."""
+    .DS_Store, a zip's __MACOSX/ tree and a hidden folder of thumbnails; then a Synology NAS's thumbnail
+    folders, @eaDir/ in every folder (they were a class and two thirds of the images); none is an image or
+    a class."""
     for c in ("cat", "dog"):
         for i in range(2):
             write_png(tmp_path / "f" / c / f"{i}.png", asymmetric(8, 8, seed=i))
             (tmp_path / "f" / c / f"._{i}.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
             write_png(tmp_path / "f" / "__MACOSX" / c / f"{i}.png", asymmetric(8, 8, seed=i))
+            write_png(tmp_path / "f" / c / "@eaDir" / f"{i}.png" / "SYNOPHOTO_THUMB_S.png", asymmetric(8, 8, seed=i))
+    write_png(tmp_path / "f" / "@eaDir" / "cat" / "SYNOPHOTO_THUMB_S.png", asymmetric(8, 8))
     write_png(tmp_path / "f" / ".thumbnails" / "0.png", asymmetric(8, 8))
     (tmp_path / "f" / ".DS_Store").write_bytes(bytes(8))
-    with pytest.warns(UserWarning, match=r"ignored 7 hidden file\(s\) and folder\(s\) \(names starting with '\.', "
-                                         r"and __MACOSX"):
+    with pytest.warns(UserWarning, match=r"ignored 10 hidden or system file\(s\) and folder\(s\) \(names starting "
+                                         r"with '\.', or one of \[.*'@eaDir', .*'__MACOSX'"):
         paths, labels, classes = nb.list_image_folder(tmp_path / "f")
     assert classes == ["cat", "dog"] and labels == [0, 0, 1, 1]
     assert [p.relative_to(tmp_path / "f").as_posix() for p in paths] == ["cat/0.png", "cat/1.png", "dog/0.png",
@@ -287,7 +327,7 @@ def test_hidden_files_and_folders_are_skipped_and_counted_once(nb, tmp_path):
         warnings.simplefilter("error")                           # said once a process, not at every listing
         assert len(nb.list_image_folder(tmp_path / "f", by_class=False)[0]) == 4
     (tmp_path / "f" / "dog" / ".DS_Store").write_bytes(bytes(8))
-    with pytest.warns(UserWarning, match="ignored 8 hidden"):   # news is said
+    with pytest.warns(UserWarning, match="ignored 11 hidden"):   # news is said
         nb.list_image_folder(tmp_path / "f")
 
 
@@ -461,6 +501,22 @@ def test_export_features_of_a_folder_with_train_and_val_labels_by_class(nb, tmp_
     assert files == [("train", "a")] * 2 + [("train", "b")] * 2 + [("val", "b")] * 2
     assert np.load(out / "labels.npy").tolist() == [0, 0, 1, 1, 1, 1]
     assert json.loads((out / "classes.json").read_text()) == ["a", "b"]
+
+
+def test_export_features_leaves_files_it_did_not_write(nb, tmp_path, small_vit):
+    """out_dir set to the photo folder itself, which holds the user's own labels.npy and classes.json: both
+    were deleted as an earlier export's stale labels. Such a folder is refused and left as it was; an
+    earlier export's own folder is written again."""
+    for i in range(3):
+        write_png(tmp_path / "mine" / f"{i}.png", asymmetric(16, 16, seed=i))
+    np.save(tmp_path / "mine" / "labels.npy", [3, 1, 4])
+    (tmp_path / "mine" / "classes.json").write_text('["ant", "bee"]')
+    before = {p.name: p.read_bytes() for p in (tmp_path / "mine").iterdir()}
+    with pytest.raises(nb.DataError, match=r"mine: holds \['labels.npy', 'classes.json'\], which no earlier export"):
+        nb.export_features(small_vit, tmp_path / "mine", tmp_path / "mine", workers=1)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "mine").iterdir()} == before
+    out = nb.export_features(small_vit, tmp_path / "mine", tmp_path / "out", workers=1)
+    assert nb.export_features(small_vit, tmp_path / "mine", out, workers=1) == out   # its own: again
 
 
 def test_own_images_of_a_folder_are_every_image_under_it(nb, tmp_path):

@@ -122,6 +122,11 @@ def test_a_file_that_is_no_checkpoint_says_so_at_once(nb, tmp_path):
     (tmp_path / "notes.pth").write_text("just text")
     with pytest.raises(nb.ConfigError, match=r"notes\.pth': not a checkpoint: torch.save writes a zip archive"):
         config(nb, tmp_path / "notes.pth")
+    torch.save(random_file_weights(nb.vit_tiny(patch_size=8, img_size=64), seed=2), tmp_path / "whole.pth")
+    (tmp_path / "half.pth").write_bytes((tmp_path / "whole.pth").read_bytes()[:(tmp_path / "whole.pth").stat().st_size // 2])
+    with pytest.raises(nb.ConfigError, match=r"half\.pth': not a checkpoint: torch.save writes a zip archive, and "
+                       r"this file is the start of one without its end \(a download or copy cut short\?\): fetch it"):
+        config(nb, tmp_path / "half.pth")   # (it was called no zip archive, its first bytes quoted: PK\x03\x04)
     torch.save({"epoch": torch.tensor(3)}, tmp_path / "no_backbone.pth")
     with pytest.raises(nb.ConfigError, match=r"no_backbone\.pth'.*holds no ViT backbone"):
         config(nb, tmp_path / "no_backbone.pth")
@@ -174,3 +179,31 @@ def test_a_dinov2_file_named_as_the_teacher_is_read_into_its_own_vit(nb, tmp_pat
     x = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
         assert torch.equal(backbone(x), expected(x))
+
+
+@pytest.mark.parametrize("setting", ["evaluate_file", "init_from"])
+def test_a_dinov2_training_teacher_with_chunked_blocks_loads_as_its_release(nb, tmp_path, setting):
+    """DINOv2's own training (block_chunks=4 in its ViT-L and ViT-g configs) writes
+    eval/<iteration>/teacher_checkpoint.pth: {"teacher": state dict}, the blocks spelt
+    backbone.blocks.<chunk>.<block>., beside dino_head. and ibot_head. entries. It was read as a ViT of
+    depth 4 (one block per chunk) and refused. Now it loads as the same ViT as the release layout."""
+    release = nb.VisionTransformer(518, 14, embed_dim=192, depth=12, num_heads=3, num_register_tokens=4,
+                                   layerscale_init=1.0)
+    flat = random_file_weights(release, seed=7)
+    torch.save(flat, tmp_path / "release.pth")
+    chunked = {"backbone." + (key.replace("blocks.", f"blocks.{int(key.split('.')[1]) // 3}.", 1)
+                              if key.startswith("blocks.") else key): value for key, value in flat.items()}
+    assert "backbone.blocks.3.11.ls2.gamma" in chunked
+    chunked.update({"dino_head.last_layer.weight": torch.randn(64, 16), "ibot_head.last_layer.weight": torch.randn(64, 16)})
+    torch.save({"teacher": chunked}, tmp_path / "teacher_checkpoint.pth")
+    assert nb.backbone_in_file(setting, tmp_path / "teacher_checkpoint.pth")["depth"] == 12
+    cfg = nb.make_config("demo", **{setting: str(tmp_path / "teacher_checkpoint.pth")},
+                         checkpoint_dir=str(tmp_path / "ck"), **HEAD)   # the config's check passes
+    if setting == "evaluate_file":
+        backbone = nb.trained_teacher(cfg, torch.device("cpu"))[0]
+    else:   # the position table resized to the run's 64 px: a 4x4 grid of patch 14
+        backbone = nb.build_models(cfg, torch.device("cpu"))[1].backbone
+        flat["pos_embed"] = nb.resize_pos_embed(flat["pos_embed"], 4, 4, 0.0, True)
+    loaded = backbone.state_dict()
+    assert len(backbone.blocks) == 12 and loaded.keys() == flat.keys()
+    assert all(torch.equal(loaded[key], value) for key, value in flat.items())

@@ -1,9 +1,11 @@
 """Schedules, optimiser rules, EMA, checkpoints and exact resume of the training section."""
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -366,6 +368,7 @@ def test_a_checkpoint_of_another_number_of_processes_is_refused_not_taken_for_da
     run_dir = tmp_path / "ck" / cfg.run_name
     state = torch.load(run_dir / "last.pth", weights_only=True)
     assert state["world_size"] == 1
+    state["step"] = 3   # within a 2-process run's 4 steps
     for written, refusal in ((2, nb.ConfigError), ("2", nb.CheckpointError)):
         state["world_size"] = written
         torch.save(state, run_dir / "last.pth")
@@ -380,6 +383,11 @@ def test_a_checkpoint_of_another_number_of_processes_is_refused_not_taken_for_da
     with pytest.raises(nb.ConfigError, match="--nproc_per_node=2"):   # no fall-back to last.prev.pth
         nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    state["step"] = 4   # the end of a 2-process run: 2 epochs of 16 images / (4 x 2)
+    trainer = nb.DINOTrainer(cfg, len(data), torch.device("cpu"))
+    with pytest.raises(nb.ConfigError, match=r"this one has 1\. The run is finished: its teacher.pth is still "
+                       r"evaluated as it is; to train it with these processes, choose another run_name"):   # not "Resume it"
+        nb.check_processes(state, trainer, run_dir / "last.pth")
 
 
 def test_a_flat_folder_trains_and_says_evaluation_is_skipped(nb, tmp_path, capsys):
@@ -403,6 +411,22 @@ def test_the_loader_starts_no_more_workers_than_there_are_cores(nb):
         loader = nb.batch_loader(data.images, batches, num_workers=cores + 6)   # paper224 asks for 8
         assert loader._num_workers == cores
         assert reads_the_batches(loader, data.images, batches)
+
+
+def test_a_signal_to_the_process_group_leaves_the_readers_reading(nb):
+    """torchrun passes a SIGTERM or Ctrl-C to each rank's whole process group: the reader processes died of
+    it ('DataLoader worker ... is killed by signal: Terminated') before the rank could stop at a step's end
+    and save. They leave the signals to their trainer."""
+    data = Data(n=32)
+    batches = nb.epoch_batches(len(data), 4, epoch=0, seed=0)
+    loader = nb.batch_loader(data.images, batches, num_workers=2)
+    first = next(loader)
+    for worker in loader._workers:
+        for number in (signal.SIGTERM, signal.SIGINT):
+            os.kill(worker.pid, number)
+    time.sleep(0.5)
+    assert all(worker.is_alive() for worker in loader._workers)
+    assert reads_the_batches(itertools.chain([first], loader), data.images, batches)
 
 
 def test_readers_are_forked_whatever_the_default_start_method(nb, tmp_path):
@@ -594,3 +618,23 @@ def test_the_demonstration_runs_are_a_vit_tiny_whatever_the_profiles_arch(nb, tm
     for arch in ("vit_small", "vit_base"):
         shrunk = nb.seconds_long(nb.make_config("demo", arch=arch), epochs=2)
         assert (shrunk.arch, shrunk.patch_size, shrunk.epochs) == ("vit_tiny", 16, 2)
+
+
+def test_an_epoch_is_saved_before_its_k_nn(nb, tmp_path, monkeypatch):
+    """A kill during an epoch's k-NN (long on a large set; torchrun kills the ranks 30 s after passing a
+    signal on) lost the whole epoch: its checkpoints were written after the evaluation. They come first."""
+    cfg = tiny_cfg(nb, tmp_path, epochs=2)
+    evaluate = nb.knn_accuracy
+    def killed_after_the_first_epoch(backbone, train_set, val_set, cfg, device, *args):
+        if any(r.get("kind") == "step" for r in nb.read_log(nb.run_directory(cfg) / "log.jsonl")):
+            raise KeyboardInterrupt("killed during the k-NN")
+        return evaluate(backbone, train_set, val_set, cfg, device, *args)
+    monkeypatch.setattr(nb, "knn_accuracy", killed_after_the_first_epoch)
+    with pytest.raises(KeyboardInterrupt, match="during the k-NN"):
+        nb.train_dino(cfg, Data(), Data(), torch.device("cpu"), progress=False)
+    run_dir = nb.run_directory(cfg)
+    assert torch.load(run_dir / "last.pth", weights_only=True)["step"] == 4   # the epoch's 16 images / 4
+    assert (run_dir / "epoch_0001.pth").is_file()
+    monkeypatch.setattr(nb, "knn_accuracy", evaluate)
+    trainer, history = nb.train_dino(cfg, Data(), Data(), torch.device("cpu"), progress=False)   # resumes there
+    assert trainer.step == 8 and [r["step"] for r in history if r["kind"] == "eval"] == [0, 4, 8]

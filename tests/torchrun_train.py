@@ -6,10 +6,9 @@
 Every rank trains on its shard of the memmapped data and extracts the k-NN features of its share of
 the images; rank 0 alone gathers them and votes (only it holds the memory bank), logs and writes
 checkpoints. NCCL on GPUs, gloo on CPUs.
-`--set key=value` overrides Config fields (Python literals).
+`--set key=value` overrides Config fields (values as JSON or Python literals: nbloader.parse_overrides).
 """
 import argparse
-import ast
 import contextlib
 import io
 import os
@@ -18,20 +17,8 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nbloader import load_notebook  # noqa: E402
-
-
-def parse_overrides(pairs):
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value  # a plain string
-    return out
+from nbloader import load_notebook, parse_overrides  # noqa: E402
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
 
 def load_data(nb, cfg, rank, world_size):
@@ -49,10 +36,12 @@ def load_data(nb, cfg, rank, world_size):
         return nb.load_datasets(cfg, verbose=False)
 
 
+@record   # a rank's error goes to torchrun's summary, not only to its own traceback
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default=os.environ.get("DINO_PROFILE", "demo"))
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="Config fields; repeated --set options add up")
     p.add_argument("--max-steps", type=int, default=None, help="stop (and checkpoint) after this many steps")
     p.add_argument("--dump-teachers", action="store_true",
                    help="every rank saves its teacher as <run>/teacher_rank<R>.pt (to compare replicas)")
@@ -60,7 +49,7 @@ def main(argv=None):
     nb = load_notebook()
     import torch
     import torch.distributed as dist
-    cfg = nb.make_config(args.profile, **parse_overrides(args.set))
+    cfg = nb.make_config(args.profile, **parse_overrides(args.set, nb.Config))
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = nb.pick_device(cfg.device)
     if device.type == "cuda":
@@ -73,7 +62,9 @@ def main(argv=None):
         train_set, val_set = load_data(nb, cfg, rank, world_size)
         trainer, _ = nb.train_dino(cfg, train_set, val_set, device, rank, world_size, max_steps=args.max_steps,
                                    progress=sys.stdout.isatty())
-        if args.dump_teachers:
+        if args.dump_teachers and trainer is None:
+            print("--dump-teachers: the run is finished and its training checkpoints are gone: no teacher to dump")
+        elif args.dump_teachers:
             path = Path(cfg.checkpoint_dir) / cfg.run_name / f"teacher_rank{rank}.pt"
             nb.atomic_write(path, lambda f: torch.save(trainer.teacher.state_dict(), f))
     finally:

@@ -33,7 +33,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from nbloader import load_notebook  # noqa: E402
+from nbloader import load_notebook, parse_overrides  # noqa: E402
 
 
 def machine(device):
@@ -42,13 +42,6 @@ def machine(device):
     name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                  if line.startswith("model name")), platform.processor() or "CPU")
     return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
-def parse_value(text):
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def shapes_config(nb, profile, img_size, **overrides):
@@ -148,7 +141,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", required=True)
     p.add_argument("--profile", default="short")
-    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="Config overrides")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="FIELD=VALUE",
+                   help="Config overrides; repeated --set options add up")
     p.add_argument("--images", type=int, default=50_000, help="training images")
     p.add_argument("--val-images", type=int, default=None, help="held-out images (default: a fifth)")
     p.add_argument("--bank", type=int, default=20_000, help="training images in the k-NN memory bank")
@@ -161,8 +155,7 @@ def main():
     p.add_argument("--out", default=str(HERE / "results"))
     a = p.parse_args()
     nb, device = load_notebook(), torch.device(a.device)
-    overrides = dict(field.split("=", 1) for field in a.set)
-    cfg = shapes_config(nb, a.profile, a.img_size, **{k: parse_value(v) for k, v in overrides.items()})
+    cfg = shapes_config(nb, a.profile, a.img_size, **parse_overrides(a.set, nb.Config))
     start = time.perf_counter()
     train = nb.ShapesDataset(a.images, a.img_size, seed=1)
     val = nb.ShapesDataset(a.val_images or a.images // 5, a.img_size, seed=2)
