@@ -420,13 +420,13 @@ def test_a_signal_to_the_process_group_leaves_the_readers_reading(nb):
     data = Data(n=32)
     batches = nb.epoch_batches(len(data), 4, epoch=0, seed=0)
     loader = nb.batch_loader(data.images, batches, num_workers=2)
-    first = next(loader)
+    first = [next(loader) for _ in loader._workers]   # each reader has served a batch: it has started
     for worker in loader._workers:
         for number in (signal.SIGTERM, signal.SIGINT):
             os.kill(worker.pid, number)
     time.sleep(0.5)
     assert all(worker.is_alive() for worker in loader._workers)
-    assert reads_the_batches(itertools.chain([first], loader), data.images, batches)
+    assert reads_the_batches(itertools.chain(first, loader), data.images, batches)
 
 
 def test_readers_are_forked_whatever_the_default_start_method(nb, tmp_path):
