@@ -134,3 +134,32 @@ def test_the_run_after_it_is_the_run_without_it(nb, tmp_path):
 def test_a_meaningless_budget_is_refused(nb, tmp_path, bad):
     with pytest.raises(ValueError, match="epochs_for_budget needs"):
         nb.epochs_for_budget(tiny_cfg(nb, tmp_path), Data(n=16), torch.device("cpu"), **bad)
+
+
+def test_the_settings_it_gives_cut_the_warm_ups_that_would_fill_the_run(nb, tmp_path):
+    """A budget of one epoch gave epochs=1 with the `short` profile's warm-up of 1: the learning rate rose the
+    whole run and ended at its peak, and the last layer never trained. The settings now cut what would fill
+    the run, and leave what fits."""
+    short = nb.make_config("short", warmup_epochs=3, freeze_last_layer=2, warmup_teacher_temp_epochs=2)
+    assert nb.budget_settings(short, 0) == {}
+    assert nb.budget_settings(short, 1) == dict(epochs=1, warmup_epochs=0, freeze_last_layer=0,
+                                                warmup_teacher_temp_epochs=0)
+    assert nb.budget_settings(short, 3) == dict(epochs=3, warmup_epochs=2)
+    assert nb.budget_settings(short, 20) == dict(epochs=20)
+    one_epoch = nb.make_config("short", **nb.budget_settings(short, 1))
+    schedule = nb.make_schedules(one_epoch, 10)["lr"]
+    assert schedule[-1] < 0.05 * schedule.max()   # it decays to its end within the one epoch
+    cfg = tiny_cfg(nb, tmp_path, epochs=2)
+    budget = nb.epochs_for_budget(cfg, Data(n=16), torch.device("cpu"), minutes=0.5, warmup_steps=1,
+                                  timed_steps=2, min_seconds=0)
+    assert budget["settings"] == nb.budget_settings(cfg, budget["epochs"])
+
+
+def test_a_run_all_warm_up_says_so(nb, tmp_path, capsys):
+    data = Data(n=8)
+    nb.train_dino(tiny_cfg(nb, tmp_path, epochs=1, warmup_epochs=1), data, data, torch.device("cpu"),
+                  progress=False)
+    assert "note: warmup_epochs=1 covers every epoch of this 1-epoch run" in capsys.readouterr().out
+    nb.train_dino(tiny_cfg(nb, tmp_path, epochs=2, warmup_epochs=1, run_name="fits"), data, data,
+                  torch.device("cpu"), progress=False)
+    assert "warmup_epochs" not in capsys.readouterr().out

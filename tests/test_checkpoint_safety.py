@@ -454,7 +454,7 @@ def test_largest_difference_walks_nested_states_in_order(nb):
 
 def test_a_run_moved_to_another_device_resumes_with_a_fresh_augmentation_stream(nb, run, tmp_path):
     """A run written on a GPU (its augmentation generator a CUDA one: 16 bytes of seed and offset) resumes on
-    a CPU: every other state is restored, and the crops restart from rank_seed (a CPU generator cannot take
+    a CPU: every other state is restored, and the crops restart from stream_seed (a CPU generator cannot take
     a CUDA generator's state). On the device it was written on, the stream resumes where it was."""
     def from_a_gpu(s):
         s["augment"] = {"generator": torch.zeros(16, dtype=torch.uint8), "device": "cuda"}
@@ -463,7 +463,7 @@ def test_a_run_moved_to_another_device_resumes_with_a_fresh_augmentation_stream(
     nb.load_checkpoint(moved, run_dir / "last.pth")
     saved = torch.load(io.BytesIO(run[2]["last.pth"]), weights_only=True)
     assert moved.step == 3 and torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
-    expected = torch.Generator().manual_seed(nb.rank_seed(moved, 3)).get_state()
+    expected = torch.Generator().manual_seed(nb.stream_seed(cfg.seed, "crops", 0, 3)).get_state()
     assert torch.equal(moved.augment.generator.get_state(), expected)
     assert saved["augment"]["device"] == "cpu"   # what a CPU run writes
     same = nb.DINOTrainer(cfg, 16, CPU)

@@ -225,3 +225,69 @@ def test_atomic_write_keeps_the_old_file_on_failure(nb, tmp_path):
     with pytest.raises(RuntimeError):
         nb.atomic_write(target, fails)
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_conversion_holds_one_source_file_at_a_time(nb, tmp_path):
+    """The loop over the files kept the last file's arrays while the next was read: two files in memory at
+    the peak, not one (for the official files, ~1.6 GB each). Measured by tracemalloc, which sees numpy's
+    buffers."""
+    import tracemalloc
+    n = 600
+    for k in (1, 2, 3):
+        images = np.random.default_rng(k).integers(0, 256, (n, 64 * 64 * 3), dtype=np.uint8)
+        write_pickle(tmp_path / "r" / f"train_data_batch_{k}", {"data": images, "labels": list(range(1, n + 1))})
+    tracemalloc.start()
+    try:
+        with pytest.warns(UserWarning, match="a partial train split"):
+            data = nb.ImageNet64(tmp_path / "r", "train", cache_dir=tmp_path / "c")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(data) == 3 * n
+    assert peak < 1.5 * n * 64 * 64 * 3, f"peak {peak / (n * 64 * 64 * 3):.2f} files' images"
+
+
+def test_a_pickle_of_more_instructions_than_a_batch_needs_is_refused_before_unpickling(nb, tmp_path, monkeypatch):
+    """A labels list of one-byte DUPs: each an 8-byte pointer and more once numpy reads it, so a small file
+    built lists many times its size before the labels' length was checked."""
+    many = nb.MAX_BATCH_PICKLE_OPS + 10
+    dup_labels = b"]" + b"(" + b"K\x01" + b"2" * many + b"e"   # EMPTY_LIST MARK BININT1 DUP... APPENDS
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "val_data").write_bytes(b"\x80\x02}(X\x06\x00\x00\x00labels" + dup_labels + b"u.")
+
+    def no_unpickling(*args):
+        raise AssertionError("unpickled")
+    monkeypatch.setattr(nb.SafeUnpickler, "load", no_unpickling)
+    with pytest.raises(nb.DataError, match=r"val_data: has more than [\d,]+ pickle instructions"):
+        nb.ImageNet64(tmp_path / "r", "val", cache_dir=tmp_path / "c")
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_the_instruction_budget_holds_the_largest_official_batch(nb, protocol):
+    """The labels of MAX_IMAGES_PER_FILE images, pickled as Python 2 (protocol 0 or 2) or 3 wrote them, and
+    the arrays beside them, stay well inside the budget."""
+    import io
+    import pickletools
+    batch = {"data": np.zeros((2, 64 * 64 * 3), np.uint8), "mean": np.zeros(64 * 64 * 3),
+             "labels": [1 + i % 1000 for i in range(nb.MAX_IMAGES_PER_FILE)]}
+    text = pickle.dumps(batch, protocol=protocol)
+    ops = sum(1 for _ in pickletools.genops(text))
+    assert ops < 0.6 * nb.MAX_BATCH_PICKLE_OPS
+    assert nb.pickle_depth(io.BytesIO(text), max_ops=nb.MAX_BATCH_PICKLE_OPS) <= nb.MAX_PICKLE_DEPTH
+
+
+@pytest.mark.parametrize("spelling", ["relative", "absolute", "trailing slash", "link"])
+def test_one_folder_named_another_way_reuses_its_cache(nb, photo, tmp_path, monkeypatch, spelling):
+    """The cache's file name came from the resolved folder, its fingerprint from the path as typed: each new
+    spelling of the same folder rebuilt the cache (15 GB for the train split)."""
+    write_pickle(tmp_path / "r" / "val_data", batch_of(photo)[1])
+    (tmp_path / "link").symlink_to(tmp_path / "r")
+    monkeypatch.chdir(tmp_path)
+    nb.ImageNet64("r", "val", cache_dir=tmp_path / "c")
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+    monkeypatch.setattr(nb, "write_cache", no_conversion)
+    root = {"relative": "./r", "absolute": str(tmp_path / "r"), "trailing slash": f"{tmp_path / 'r'}/",
+            "link": "link"}[spelling]
+    assert len(nb.ImageNet64(root, "val", cache_dir=tmp_path / "c")) == 5

@@ -480,6 +480,28 @@ def test_a_checkpoint_from_another_device_steps_here(nb, tmp_path):
     assert t.now["lr"].item() == pytest.approx(stats["lr"])
 
 
+def test_a_runs_random_streams_share_no_numbers(nb, tmp_path, monkeypatch):
+    """Drop path draws from the global stream, the crops from the augmentation's generator: both were seeded
+    with seed + rank, so every drop-path mask re-read numbers the crops had already used. Now each stream,
+    rank and restart has a seed of its own, none of them the weights' seed."""
+    data, states = Data(), []
+    real_step = nb.train_step
+
+    def first_step(t, images, diagnostics=False):
+        if not states:   # the streams as the run's first step finds them
+            states.append((torch.get_rng_state(), t.augment.generator.get_state()))
+        return real_step(t, images, diagnostics)
+    monkeypatch.setattr(nb, "train_step", first_step)
+    nb.train_dino(tiny_cfg(nb, tmp_path), data, data, torch.device("cpu"), max_steps=1, progress=False)
+    (global_state, crops_state), = states
+    draws = [set(torch.rand(4096, dtype=torch.float64, generator=torch.Generator().set_state(s)).tolist()) for s in states[0]]
+    assert not draws[0] & draws[1], "the global stream and the crops' stream repeat each other's numbers"
+    seeds = [nb.stream_seed(7, stream, rank, step) for stream in nb.SEED_STREAMS for rank in range(4)
+             for step in range(4)]
+    assert len(set(seeds)) == len(seeds) and 7 not in seeds
+    assert nb.stream_seed(7, "crops", 1, 2) == nb.stream_seed(7, "crops", 1, 2)   # a function of its arguments
+
+
 def test_a_resumed_rank_other_than_0_draws_its_own_random_streams(nb, tmp_path):
     """A checkpoint holds rank 0's generators. Under DDP every rank resumed from it, so all of them drew
     rank 0's crops: now rank 0 restores them, and another rank reseeds from (seed, rank, step), the same

@@ -14,7 +14,8 @@ Output: tests/benchmarks/results/learn-<name>.json, with the machine named.
 With --fit-epochs the schedule is sized to the budget: epochs = the whole epochs that fit what is left of
 --minutes after the data, the raw-pixel line and the evaluation at init (and after the sizing itself),
 each epoch with its evaluation, from steps timed on this machine (the notebook's epochs_for_budget); the
-run is then the run of --set epochs=<that number>, and its minutes in all stay within --minutes.
+run is then the run of --set epochs=<that number> (with the warm-ups cut where they would fill it: the
+notebook's budget_settings), and its minutes in all stay within --minutes.
 """
 import argparse
 import copy
@@ -155,10 +156,11 @@ def main():
     p.add_argument("--out", default=str(HERE / "results"))
     a = p.parse_args()
     nb, device = load_notebook(), torch.device(a.device)
-    cfg = shapes_config(nb, a.profile, a.img_size, **parse_overrides(a.set, nb.Config))
+    overrides = parse_overrides(a.set, nb.Config)
+    cfg = shapes_config(nb, a.profile, a.img_size, **overrides)
     start = time.perf_counter()
     train = nb.ShapesDataset(a.images, a.img_size, seed=1)
-    val = nb.ShapesDataset(a.val_images or a.images // 5, a.img_size, seed=2)
+    val = nb.ShapesDataset(a.images // 5 if a.val_images is None else a.val_images, a.img_size, seed=2)
     made = time.perf_counter() - start
     nb.seed_everything(cfg.seed)
     trainer = nb.DINOTrainer(cfg, len(train), device)
@@ -169,14 +171,15 @@ def main():
     eval_seconds, minutes_left = time.perf_counter() - tick, a.minutes - (time.perf_counter() - start) / 60
     fitted = fit_epochs(nb, cfg, train, device, minutes_left, eval_seconds) if a.fit_epochs else None
     if fitted:
-        cfg = dataclasses.replace(cfg, epochs=fitted["epochs"])
+        cfg = dataclasses.replace(cfg, **fitted["settings"])   # the epochs, and warm-ups that fit them
         nb.seed_everything(cfg.seed)   # the run is then the run of --set epochs=<fitted>
         trainer = nb.DINOTrainer(cfg, len(train), device)
     result = dict(machine=machine(device), device=device.type, profile=a.profile, settings=overrides, fitted=fitted,
                   config={k: v for k, v in json.loads(json.dumps(vars(cfg))).items() if not k.startswith("_")},
                   data=dict(name="ShapesDataset", train=len(train), val=len(val), knn_bank=min(a.bank, len(train)), img_size=a.img_size,
                             classes=len(nb.SHAPE_CLASSES), seconds_to_make=round(made, 1)),
-                  command=" ".join(sys.argv), raw_pixel_knn=raw, epochs=[dict(epoch=0, **first)])
+                  command=" ".join(sys.argv), raw_pixel_knn=raw,
+                  epochs=[dict(epoch=0, **first, loss=None, entropy=None, kl=None, images_per_s=None)])
     print(f"{a.name}: {machine(device)}; raw pixels {raw:.1f}%; init {result['epochs'][0]}", flush=True)
     train_seconds, alarms, loader, last_jaccards = 0.0, [], None, first_jaccards
     while trainer.epoch < cfg.epochs and train_seconds < 60 * a.minutes:

@@ -1,0 +1,44 @@
+"""bench_learn.py, the learning benchmark, end to end on a few tiny images: it writes the JSON the learning
+evidence is read from, each epoch with the keys asked of it (epoch 0 = random init, its training figures
+null), and with --fit-epochs runs the settings the budget rule gives. Its learning figures are not checked
+here (they live in tests/benchmarks/results/), only that the command runs and writes what it says."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent / "benchmarks" / "bench_learn.py"
+EPOCH_KEYS = {"epoch", "knn_top1", "loss", "entropy", "kl", "images_per_s", "attention_jaccard"}
+
+
+def run_bench(tmp_path, *args):
+    done = subprocess.run([sys.executable, str(BENCH), "--name", "tiny", "--images", "48", "--val-images", "16",
+                           "--bank", "48", "--img-size", "16", "--out", str(tmp_path), *args,
+                           "--set", "patch_size=8", "batch_size=8", "out_dim=64", "n_local_crops=2",
+                           "num_workers=0", "head_hidden_dim=32", "head_bottleneck_dim=16"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((tmp_path / "learn-tiny.json").read_text()), done.stdout
+
+
+def test_it_writes_the_curve_with_every_key(tmp_path):
+    result, _ = run_bench(tmp_path, "--set", "epochs=2", "warmup_epochs=1", "--minutes", "2")
+    assert {"machine", "device", "profile", "settings", "data", "minutes", "raw_pixel_knn"} <= set(result)
+    assert result["settings"]["epochs"] == 2 and result["config"]["patch_size"] == 8
+    assert [e["epoch"] for e in result["epochs"]] == [0, 1, 2]
+    assert all(EPOCH_KEYS <= set(e) for e in result["epochs"])
+    assert [result["epochs"][0][k] for k in ("loss", "entropy", "kl", "images_per_s")] == [None] * 4
+    assert all(e["loss"] > 0 and e["images_per_s"] > 0 for e in result["epochs"][1:])
+    assert (tmp_path / "learn-tiny-attention.jpg").stat().st_size > 0
+
+
+def test_fit_epochs_runs_the_budget_rules_settings(tmp_path):
+    """A budget of about one epoch: the run is the budget_settings of the epochs that fit, its warm-up cut to
+    fit inside them."""
+    result, out = run_bench(tmp_path, "--fit-epochs", "--minutes", "0.35", "--set", "epochs=50", "warmup_epochs=49")
+    fitted = result["fitted"]
+    assert "fit:" in out and 1 <= fitted["epochs"] < 50
+    assert fitted["settings"]["epochs"] == result["config"]["epochs"] == fitted["epochs"]
+    assert result["config"]["warmup_epochs"] == fitted["epochs"] - 1
