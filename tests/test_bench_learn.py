@@ -35,10 +35,10 @@ def test_it_writes_the_curve_with_every_key(tmp_path):
 
 
 def test_fit_epochs_runs_the_budget_rules_settings(tmp_path):
-    """A budget of about one epoch: the run is the budget_settings of the epochs that fit, its warm-up cut to
-    fit inside them."""
-    result, out = run_bench(tmp_path, "--fit-epochs", "--minutes", "0.35", "--set", "epochs=50", "warmup_epochs=49")
-    fitted = result["fitted"]
-    assert "fit:" in out and 1 <= fitted["epochs"] < 50
+    """A budget of fewer epochs than the warm-up asked: the run is the budget_settings of the epochs that fit,
+    its warm-up cut to fit inside them."""
+    result, out = run_bench(tmp_path, "--fit-epochs", "--minutes", "0.5", "--set", "epochs=1000", "warmup_epochs=999")
+    fitted = result["fitted"]   # the budget holds far fewer than 1,000 epochs on any CPU, and at least one
+    assert "fit:" in out and 1 <= fitted["epochs"] < 1000
     assert fitted["settings"]["epochs"] == result["config"]["epochs"] == fitted["epochs"]
     assert result["config"]["warmup_epochs"] == fitted["epochs"] - 1
