@@ -132,3 +132,28 @@ def test_other_image_shapes_and_class_counts(nb, tmp_path):
     with pytest.raises(nb.DataError, match=r"labels in \[0, 10\)"):
         nb.write_cache(tmp_path / "bad", [(images, np.array([0, 1, 2, 3, 10]))], [], (3, 32, 32), 10)
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_a_stale_cache_in_a_folder_that_cannot_be_written_says_so_and_loses_nothing(nb, built, monkeypatch):
+    """A read-only cache folder (a shared data set, a read-only mount) whose cache is out of date: a raw
+    OSError naming the .json it failed to remove; now a DataError naming the folder and cache_dir, with the
+    old cache's files as they were."""
+    import errno
+    import os
+    import pathlib
+    root, cache_dir, prefix, _, _ = built
+    with open(root / "val_data", "ab") as f:
+        f.write(b"\0")   # the source changed: the cache is stale
+    files = {p: p.read_bytes() for p in cache_dir.iterdir()}
+    real_unlink = pathlib.Path.unlink
+
+    def read_only(path, missing_ok=False):
+        if cache_dir in path.parents:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_unlink(path, missing_ok=missing_ok)
+    monkeypatch.setattr(pathlib.Path, "unlink", read_only)
+    with pytest.raises(nb.DataError, match=rf"{re.escape(str(cache_dir))} cannot be written \(Read-only file "
+                                           rf"system\): set cache_dir to a folder you can write"):
+        nb.ImageNet64(root, "val", cache_dir=cache_dir)
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in cache_dir.iterdir()} == files

@@ -78,3 +78,19 @@ def test_batchnorm_in_the_head_becomes_sync_batchnorm_when_distributed(nb, tmp_p
     for distributed, device in [(False, "meta"), (True, "cpu")]:   # one process, or CPU ranks: plain BN
         student, teacher = nb.build_models(cfg, torch.device(device), distributed=distributed)
         assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in (*student.modules(), *teacher.modules()))
+
+
+def test_drop_path_drops_the_samples_the_reference_drops_for_the_same_random_numbers(nb):
+    """vision_transformer.drop_path: random_tensor = keep_prob + rand, floored; x / keep_prob * random_tensor.
+    The notebook drew `rand < keep_prob`, the same rate but other samples for the same numbers, so a step
+    with drop path could not be compared with the authors' step by step."""
+    x = torch.randn(4096, 3, 8)
+    for drop_prob in (0.1, 0.5):
+        torch.manual_seed(7)
+        ours = nb.DropPath(drop_prob).train()(x)
+        torch.manual_seed(7)
+        keep_prob = 1 - drop_prob
+        random_tensor = (keep_prob + torch.rand(x.shape[0], 1, 1, dtype=x.dtype)).floor_()
+        reference = x.div(keep_prob) * random_tensor
+        assert torch.equal(ours == 0, reference == 0)   # the same samples dropped
+        assert (ours - reference).abs().max().item() <= 1e-6 * x.abs().max().item()

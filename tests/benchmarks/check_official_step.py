@@ -9,8 +9,9 @@ DINOHead, `utils.MultiCropWrapper`), its `DINOLoss`, `utils.cosine_scheduler`, `
 `train_step` on the same crops. Both start from the same weights: our student's state dict, loaded into
 the official student as it is (only the weight-norm spelling of the last layer differs). A small ViT-T/16
 at 64 pixels with 2 local crops, 3 steps an epoch: the learning-rate warm-up, the frozen last layer, the
-teacher-temperature warm-up, a last layer with a free magnitude, the EMA; drop path is 0, since the two
-codes draw its random numbers differently. The key part of each qkv bias is left out of the comparison
+teacher-temperature warm-up, a last layer with a free magnitude, the EMA, and drop path 0.1 in the
+student, both codes drawing its masks from the same random state (each step starts the official one
+from the state ours started from). The key part of each qkv bias is left out of the comparison
 (and its difference printed): its gradient is zero but for rounding, which AdamW magnifies. It prints each step's losses and, at the end, the largest
 difference of every compared quantity; exits 1 when one is above --tolerance. Not part of the suite:
 the official code is not part of the project and nothing is downloaded; pass a checkout of it.
@@ -31,7 +32,7 @@ from nbloader import load_notebook  # noqa: E402
 SETTINGS = dict(arch="vit_tiny", patch_size=16, img_size=64, out_dim=256, head_hidden_dim=64,
                 head_bottleneck_dim=32, batch_size=4, n_local_crops=2, epochs=4, warmup_epochs=1,
                 freeze_last_layer=1, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=2,
-                norm_last_layer=False, drop_path_rate=0.0, momentum_teacher=0.99, base_lr=4e-3, koleo_weight=0.0,
+                norm_last_layer=False, drop_path_rate=0.1, momentum_teacher=0.99, base_lr=4e-3, koleo_weight=0.0,
                 max_train_images=0)
 ITERS_PER_EPOCH = 3
 
@@ -66,13 +67,15 @@ def official_models(cfg, state_dict):
     import utils as official_utils
     import vision_transformer as vits
 
-    def make(norm_last_layer):   # as main_dino.py builds them
-        backbone = vits.__dict__[cfg.arch](patch_size=cfg.patch_size, img_size=[cfg.img_size], drop_path_rate=0.0)
+    def make(norm_last_layer, drop_path_rate):   # as main_dino.py builds them
+        backbone = vits.__dict__[cfg.arch](patch_size=cfg.patch_size, img_size=[cfg.img_size],
+                                           drop_path_rate=drop_path_rate)
         return official_utils.MultiCropWrapper(backbone, vits.DINOHead(
             backbone.embed_dim, cfg.out_dim, cfg.use_bn_in_head, norm_last_layer, hidden_dim=cfg.head_hidden_dim,
             bottleneck_dim=cfg.head_bottleneck_dim))
 
-    student, teacher = make(cfg.norm_last_layer), make(True)   # main_dino.py: the teacher's head keeps the default
+    # main_dino.py: the teacher's head keeps the default norm_last_layer, its backbone has no drop path
+    student, teacher = make(cfg.norm_last_layer, cfg.drop_path_rate), make(True, 0.0)
     student.load_state_dict(state_dict)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
@@ -125,7 +128,9 @@ def compare(nb, a, cfg):
     for it in range(a.steps):
         crops = [torch.randn(cfg.batch_size, 3, s, s, generator=rng) for s in sizes]
         epoch = it // n
+        random_state = torch.get_rng_state()   # drop path's numbers: the same for both
         ours_stats = nb.train_step(ours, [c.clone() for c in crops])
+        torch.set_rng_state(random_state)
         for i, group in enumerate(optimizer.param_groups):   # train_one_epoch, without fp16
             group["lr"] = schedules["lr"][it]
             if i == 0:
