@@ -300,3 +300,30 @@ def test_a_blur_window_wider_than_a_crop_is_refused_by_name(nb):
     widest = nb.make_config("demo", blur_sigma_224=(0.1, 17.0), local_crop_size=16)   # a 31-pixel window: fits
     crops = nb.MultiCropAugmentation(widest)(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
     assert [c.shape[-1] for c in crops] == [64, 64] + [16] * widest.n_local_crops
+
+
+def test_each_crop_group_gets_its_own_scale_and_probabilities(nb, cfg):
+    """The two global crops draw their boxes from global_crop_scale, blur with p 1.0 and 0.1 and solarize
+    the second with p 0.2; the local crops from local_crop_scale, blur p 0.5, no solarization. Recorded from
+    the augmentation's own calls, the boxes read back from the numbers it drew (a swap of the two scales
+    passed every other test of this file)."""
+    augment = nb.MultiCropAugmentation(cfg, device="cpu", seed=0)
+    calls, real = [], augment.make_crops
+
+    def recording(images, uniforms, size, scale, blur_p, solarize_p, *rest):
+        calls.append((uniforms, size, scale, blur_p, solarize_p))
+        return real(images, uniforms, size, scale, blur_p, solarize_p, *rest)
+    augment.make_crops = recording
+    crops = augment(uint8_images(200))
+    assert len(crops) == 2 + cfg.n_local_crops and [size for _, size, *_ in calls] == \
+        [cfg.global_crop_size, cfg.local_crop_size]
+    expected = [(cfg.global_crop_scale, [1.0, 0.1], [0.0, 0.2]),
+                (cfg.local_crop_scale, [0.5] * cfg.n_local_crops, [0.0] * cfg.n_local_crops)]
+    for (uniforms, _, scale, blur_p, solarize_p), (want_scale, want_blur, want_solarize) in zip(calls, expected):
+        assert tuple(scale) == tuple(want_scale) and solarize_p.flatten().tolist() == pytest.approx(want_solarize)
+        assert blur_p.flatten().tolist() == pytest.approx(want_blur)
+        boxes = nb.crop_params(cfg, uniforms, (64, 64), scale, blur_p, solarize_p)["boxes"]
+        area = (boxes[..., 2] * boxes[..., 3]).float() / 64 ** 2
+        # rounding w and h to whole pixels moves the area by at most about (w + h) / 2 pixels
+        assert want_scale[0] - 0.03 <= area.min() and area.max() <= want_scale[1] + 0.03
+        assert area.max() - area.min() > 0.8 * (want_scale[1] - want_scale[0])   # the range is used

@@ -1,12 +1,42 @@
 """epochs_for_budget: the whole epochs a run's settings train in a budget, from steps timed on this
-machine, with the run itself left as it would have been."""
+machine, with the run itself left as it would have been. The steps run for real, but the notebook's clock
+here is a test clock that moves STEP_SECONDS a step and what a test adds (a slow start): the budget's
+arithmetic is checked exactly, whatever this machine's speed. How well it sizes real runs is measured by
+tests/benchmarks/bench_budget.py and bench_learn.py --fit-epochs."""
 import math
 import time
+import types
 
 import pytest
 import torch
 
 from test_train import Data, tiny_cfg
+
+STEP_SECONDS = 0.25
+
+
+class StepClock:
+    """perf_counter for the notebook: it moves only when a step runs or a test advances it."""
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture(autouse=True)
+def clock(nb, monkeypatch):
+    test_clock, real_step = StepClock(), nb.train_step
+
+    def step(*args, **kwargs):
+        test_clock.advance(STEP_SECONDS)
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(nb, "time", types.SimpleNamespace(**{**vars(time), "perf_counter": test_clock}))
+    monkeypatch.setattr(nb, "train_step", step)
+    return test_clock
 
 
 def usable(budget, seconds):
@@ -31,29 +61,28 @@ def test_the_epochs_follow_from_the_timed_steps(nb, tmp_path):
 
 
 def test_steps_are_timed_until_min_seconds_have_passed(nb, tmp_path):
+    """Rounds of 3 timed steps of 0.25 s until 1.5 s have passed: two rounds, 6 steps."""
     cfg = tiny_cfg(nb, tmp_path, epochs=100)   # a schedule of 400 steps: time runs out first
     budget = nb.epochs_for_budget(cfg, Data(n=16), torch.device("cpu"), minutes=1, warmup_steps=1, timed_steps=3,
                                   min_seconds=1.5)
-    assert budget["timed_steps"] % 3 == 0 and budget["timed_steps"] > 3
-    assert budget["timed_steps"] * cfg.batch_size / budget["images_per_s"] >= 1.5
+    assert budget["timed_steps"] == 6
+    assert budget["images_per_s"] == pytest.approx(cfg.batch_size / STEP_SECONDS)
 
 
-def test_the_start_of_the_run_is_taken_from_the_budget_once(nb, tmp_path, monkeypatch):
+def test_the_start_of_the_run_is_taken_from_the_budget_once(nb, tmp_path, monkeypatch, clock):
     """A run starts its reader processes and initialises lazily once: what the warm-up steps took beyond
     steady steps comes off the budget, not off every epoch."""
     cfg, run_loader = tiny_cfg(nb, tmp_path, epochs=10, num_workers=2), nb.run_loader
 
     def slow_run_loader(*args):
-        time.sleep(3.0)   # a start that takes 3 s more: several times an epoch's 4 steps, on any machine
+        clock.advance(3.0)   # a start that takes 3 s more: three epochs of 4 steps
         return run_loader(*args)
 
     monkeypatch.setattr(nb, "run_loader", slow_run_loader)
     budget = nb.epochs_for_budget(cfg, Data(n=16), torch.device("cpu"), minutes=1, warmup_steps=2, timed_steps=4,
                                   min_seconds=0, spare=0)
-    seconds_per_step = cfg.batch_size / budget["images_per_s"]
-    assert budget["start_seconds"] >= 3.0   # the start is counted ...
-    assert budget["seconds_per_epoch"] == pytest.approx(4 * seconds_per_step)   # ... but not in the epochs
-    assert budget["seconds_per_epoch"] < 3.0
+    assert budget["start_seconds"] == pytest.approx(3.0)   # the start is counted ...
+    assert budget["seconds_per_epoch"] == pytest.approx(4 * STEP_SECONDS)   # ... but not in the epochs
     assert budget["epochs"] == math.floor(usable(budget, 60) / budget["seconds_per_epoch"])
 
 
@@ -63,30 +92,29 @@ def test_a_spare_fraction_of_the_budget_is_kept(nb, tmp_path):
     for spare, kept in [(None, 0.05), (0.5, 0.5)]:
         budget = nb.epochs_for_budget(cfg, Data(n=16), torch.device("cpu"), minutes=3, warmup_steps=1,
                                       timed_steps=4, min_seconds=0, **({} if spare is None else dict(spare=spare)))
-        # 3 minutes: an epoch fits even on a loaded machine (one took 24 s beside another job)
         assert budget["epochs"] == math.floor(usable(budget, 180 * (1 - kept)) / budget["seconds_per_epoch"]) > 0
 
 
-def test_a_start_longer_than_the_budget_leaves_no_epoch(nb, tmp_path, monkeypatch):
+def test_a_start_longer_than_the_budget_leaves_no_epoch(nb, tmp_path, monkeypatch, clock):
     cfg, run_loader = tiny_cfg(nb, tmp_path, epochs=10), nb.run_loader
 
     def slow_run_loader(*args):
-        time.sleep(1.0)   # a second to start: more than the 0.6 s budget
+        clock.advance(1.0)   # a second to start: more than the 0.6 s budget
         return run_loader(*args)
 
     monkeypatch.setattr(nb, "run_loader", slow_run_loader)
     budget = nb.epochs_for_budget(cfg, Data(n=16), torch.device("cpu"), minutes=0.01, warmup_steps=2,
                                   timed_steps=4, min_seconds=0)
-    assert budget["start_seconds"] > 0.5 and budget["epochs"] == 0
+    assert budget["start_seconds"] == pytest.approx(1.0) and budget["epochs"] == 0
 
 
-def test_the_sizing_takes_its_own_time_from_the_budget(nb, tmp_path, monkeypatch):
+def test_the_sizing_takes_its_own_time_from_the_budget(nb, tmp_path, monkeypatch, clock):
     """Building the throwaway trainer, timing and cleaning up are spent from the budget the user gave: a
     second spent before the first step comes off a 3 s budget, and fewer epochs fit than without it."""
     cfg, trainer_class = tiny_cfg(nb, tmp_path, epochs=100), nb.DINOTrainer
 
     def slow_trainer(*args):
-        time.sleep(1.0)
+        clock.advance(1.0)
         return trainer_class(*args)
 
     monkeypatch.setattr(nb, "DINOTrainer", slow_trainer)
