@@ -94,3 +94,15 @@ def test_drop_path_drops_the_samples_the_reference_drops_for_the_same_random_num
         reference = x.div(keep_prob) * random_tensor
         assert torch.equal(ours == 0, reference == 0)   # the same samples dropped
         assert (ours - reference).abs().max().item() <= 1e-6 * x.abs().max().item()
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_bfloat16_only_where_the_gpu_computes_it(nb, monkeypatch, capability, expected):
+    """torch.cuda.is_bf16_supported() counts emulation by default: True on a V100 or T4, where bfloat16 is
+    slow, so float16 with its GradScaler was never chosen. And it asks the current GPU, not the trainer's."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert nb.amp_dtype(torch.device("cuda", 1)) == expected and asked == [torch.device("cuda", 1)]
+    assert nb.amp_dtype(torch.device("cuda", 1), enabled=False) is None and nb.amp_dtype(torch.device("cpu")) is None

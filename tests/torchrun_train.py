@@ -52,8 +52,13 @@ def main(argv=None):
     cfg = nb.make_config(args.profile, **parse_overrides(args.set, nb.Config))
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = nb.pick_device(cfg.device)
-    if device.type == "cuda":
+    if device.type == "cuda" and world_size > 1:   # torchrun gives each process the GPU of its LOCAL_RANK
+        if device.index is not None:
+            raise SystemExit(f"device={cfg.device!r}: under torchrun each process takes the GPU of its LOCAL_RANK; "
+                             f"set device: cuda (or auto) and pick the GPUs with CUDA_VISIBLE_DEVICES")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":   # one process: the GPU the settings name (cuda:N), else the first
+        device = torch.device("cuda", device.index or 0)
         torch.cuda.set_device(device)
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
