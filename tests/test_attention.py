@@ -109,6 +109,9 @@ def test_overlay_is_uint8_rgb_same_size(nb):
     assert np.all(red[..., 0] == 255) and np.all(red[..., 2] == 0)
     untouched = nb.heatmap_overlay(image, heat, alpha=0.0)
     assert np.array_equal(untouched, image)
+    # attention maps are ~1/N a patch: the colours span the map's own range, whatever its scale and offset
+    faint = nb.heatmap_overlay(image, 0.01 * heat + 0.002)
+    assert np.abs(faint.astype(int) - overlay.astype(int)).max() <= 1
 
 
 def test_mask_contours_close_at_the_border(nb):
@@ -132,6 +135,13 @@ def test_attention_row_and_figure(nb, tmp_path):
         assert shown.shape == (80, 128, 3) and shown.dtype == np.uint8
         assert len(heats) == len(masks) == 1 + 3  # mean over heads, then each head
         assert all(h.shape == (80, 128) for h in heats) and all(m.dtype == bool for m in masks)
+        if not smooth:   # nearest: each patch a block of patch * scale pixels
+            step = model.patch_embed.proj.kernel_size[0] * 2
+            np.testing.assert_allclose(heats[0], np.mean(heats[1:], axis=0), rtol=1e-5, atol=1e-7)
+            for heat, mask in zip(heats, masks):   # the fewest patches that hold 60% of each map's mass
+                patches, kept = heat[::step, ::step], mask[::step, ::step]
+                share = patches[kept].sum() / patches.sum()
+                assert share >= 0.6 and share - patches[kept].min() / patches.sum() < 0.6
     fig = nb.plot_attention_rows([nb.attention_row(model, image, 0.6)] * 2, "test")
     assert len(fig.axes) == 2 * 5
     cfg = nb.make_config("demo", figure_dir=str(tmp_path / "figures"))

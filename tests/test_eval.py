@@ -203,6 +203,18 @@ def test_linear_probe_learns_separable_data_and_is_deterministic(nb):
     assert chance_top1 < 50
 
 
+def test_the_probe_scores_val_features_with_the_train_statistics(nb):
+    """Validation images of one class only: standardised by their own mean they would sit on the boundary
+    between the classes; by the train statistics, every one is where training put its class."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(2).repeat(100)
+    feats = torch.randn(200, 8, generator=gen) + 6.0 * (2.0 * labels[:, None] - 1)   # classes at -6 and +6
+    ones = labels == 1
+    top1, _ = nb.linear_probe(feats, labels, feats[ones][:20] + 0.5, labels[ones][:20], epochs=10, lr=0.01,
+                              batch_size=50)
+    assert top1 == 100.0
+
+
 def test_standardize_uses_train_statistics(nb):
     train, val = 3 + 2 * torch.randn(500, 4), torch.full((2, 4), 3.0)
     train_std, val_std = nb.standardize(train, val)
