@@ -56,6 +56,8 @@ def parse_overrides(pairs, config=None):
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SystemExit(f"--set expects key=value, got {pair!r}")
+        if key == "profile":
+            raise SystemExit(f"--set {pair}: the profile is an option of its own: --profile {value}")
         if key in out:
             raise SystemExit(f"--set gives {key} twice ({key}={out[key]!r} and {pair!r}): keep one")
         out[key] = value

@@ -288,15 +288,19 @@ def test_solarization_only_on_second_global_crop(nb, cfg):
     assert all(torch.equal(s, u) for s, u in zip(solarized[2:], untouched[2:]))
 
 
-def test_a_blur_window_wider_than_a_crop_is_refused_by_name(nb):
+def test_a_blur_window_wider_than_a_crop_is_refused_by_name_where_the_config_is_made(nb):
     """The blur reflects a crop's borders, so its window's half must fit the smallest crop: a sigma too large
-    for it is refused naming the setting (it stopped inside torch's padding)."""
-    too_wide = nb.make_config("demo", blur_sigma_224=(0.1, 20.0), local_crop_size=16)
-    sigma = 20.0 * too_wide.global_crop_size / 224
-    with pytest.raises(nb.ConfigError, match=rf"Config.blur_sigma_224=\(0.1, 20.0\): sigma up to {sigma:.3g} pixels "
-                                             rf"at global_crop_size=64 needs a {2 * math.ceil(3 * sigma) + 1}-pixel "
-                                             rf"window, too wide for a 16-pixel crop"):
-        nb.MultiCropAugmentation(too_wide)
+    for it is refused naming the setting (it stopped inside torch's padding), when the config is made or
+    changed (it was refused only when the augmentation was built, after the data had been loaded)."""
+    sigma = 20.0 * 64 / 224
+    refusal = (rf"Config.blur_sigma_224=\(0.1, 20.0\): sigma up to {sigma:.3g} pixels at global_crop_size=64 needs a "
+               rf"{2 * math.ceil(3 * sigma) + 1}-pixel window, too wide for a 16-pixel crop")
+    with pytest.raises(nb.ConfigError, match=refusal):
+        nb.make_config("demo", blur_sigma_224=(0.1, 20.0), local_crop_size=16)
+    cfg = nb.make_config("demo", local_crop_size=16)
+    with pytest.raises(nb.ConfigError, match=refusal):
+        cfg.blur_sigma_224 = (0.1, 20.0)
+    assert cfg.blur_sigma_224 == (0.1, 2.0)   # the refused change changed nothing
     widest = nb.make_config("demo", blur_sigma_224=(0.1, 17.0), local_crop_size=16)   # a 31-pixel window: fits
     crops = nb.MultiCropAugmentation(widest)(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
     assert [c.shape[-1] for c in crops] == [64, 64] + [16] * widest.n_local_crops

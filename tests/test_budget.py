@@ -3,6 +3,7 @@ machine, with the run itself left as it would have been. The steps run for real,
 here is a test clock that moves STEP_SECONDS a step and what a test adds (a slow start): the budget's
 arithmetic is checked exactly, whatever this machine's speed. How well it sizes real runs is measured by
 tests/benchmarks/bench_budget.py and bench_learn.py --fit-epochs."""
+import dataclasses
 import math
 import time
 import types
@@ -170,10 +171,11 @@ def test_the_settings_it_gives_cut_the_warm_ups_that_would_fill_the_run(nb, tmp_
     the run, and leave what fits."""
     short = nb.make_config("short", warmup_epochs=3, freeze_last_layer=2, warmup_teacher_temp_epochs=2)
     assert nb.budget_settings(short, 0) == {}
-    assert nb.budget_settings(short, 1) == dict(epochs=1, warmup_epochs=0, freeze_last_layer=0,
-                                                warmup_teacher_temp_epochs=0)
-    assert nb.budget_settings(short, 3) == dict(epochs=3, warmup_epochs=2)
-    assert nb.budget_settings(short, 20) == dict(epochs=20)
+    assert nb.budget_settings(short, 1) == dict(epochs=1, warmup_epochs=0, freeze_last_layer=0)   # (the profile's
+    # warmup_teacher_temp_epochs is 0: the cut one, back to the profile's, is no override)
+    kept = dict(warmup_epochs=3, freeze_last_layer=2, warmup_teacher_temp_epochs=2)   # short's own overrides
+    assert nb.budget_settings(short, 3) == dict(kept, epochs=3, warmup_epochs=2)
+    assert nb.budget_settings(short, 20) == dict(kept, epochs=20)
     one_epoch = nb.make_config("short", **nb.budget_settings(short, 1))
     schedule = nb.make_schedules(one_epoch, 10)["lr"]
     assert schedule[-1] < 0.05 * schedule.max()   # it decays to its end within the one epoch
@@ -181,6 +183,19 @@ def test_the_settings_it_gives_cut_the_warm_ups_that_would_fill_the_run(nb, tmp_
     budget = nb.epochs_for_budget(cfg, Data(n=16), torch.device("cpu"), minutes=0.5, warmup_steps=1,
                                   timed_steps=2, min_seconds=0)
     assert budget["settings"] == nb.budget_settings(cfg, budget["epochs"])
+
+
+def test_the_settings_are_the_run_made_from_its_profile(nb):
+    """The settings were the epochs and the cut warm-ups alone: make_config(profile, **settings), as the notebook
+    says to pass them on, dropped the config's own overrides (another batch size, another run) or was refused
+    (the profile's 10 warm-up epochs in a 5-epoch run, where the overrides had a warm-up of 1)."""
+    paper = nb.make_config("imagenet64", warmup_epochs=1, warmup_teacher_temp_epochs=2, momentum_teacher=0.996)
+    run = nb.make_config("imagenet64", **nb.budget_settings(paper, 5))
+    assert run == dataclasses.replace(paper, epochs=5)
+    short = nb.make_config("short", batch_size=64)
+    run = nb.make_config("short", **nb.budget_settings(short, 1))
+    assert (run.batch_size, run.epochs, run.warmup_epochs) == (64, 1, 0)
+    assert nb.budget_settings(nb.make_config("short"), 12) == {"epochs": 12}   # nothing else differs from the profile
 
 
 def test_a_run_all_warm_up_says_so(nb, tmp_path, capsys):

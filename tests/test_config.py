@@ -2,11 +2,13 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from torchrun_train import parse_overrides
 
@@ -44,6 +46,9 @@ BAD = [  # (override, words the error must hold)
     (dict(warmup_epochs=4), "warmup_epochs=4: must be at most epochs=3, or the learning rate never reaches its peak"),
     (dict(warmup_teacher_temp_epochs=4), "warmup_teacher_temp_epochs=4: must be at most epochs=3, or the teacher"),
     (dict(koleo_weight=0.1, batch_size=1), r"batch_size=1: must be at least 2 with koleo_weight=0.1: KoLeo spreads"),
+    (dict(min_lr=1e-3), r"min_lr=0.001: must be at most the peak learning rate base_lr \* batch_size / 256 = 0.00025"),
+    (dict(base_lr=1e-5), r"min_lr=1e-06: must be at most the peak learning rate .* = 6.25e-07: the cosine"),
+    (dict(max_eval_images=1), r"max_eval_images=1: must be 0 \(all\) or at least 2: the linear probe standardises"),
 ]
 
 
@@ -65,10 +70,20 @@ def test_every_profile_is_valid_and_good_values_pass(nb):
 
 
 def test_the_yaml_hint_is_for_strings_only(nb):
-    for value, said in [(float("nan"), "not a float"), (True, "not a bool"), ("2e-3", "YAML reads 2e-3 as a string)")]:
+    for value, said in [(float("nan"), "not a float"), (True, "not a bool"), ("2e-3", "YAML reads 2e-3 as a string)"),
+                        ("inf", "not a str"), ("nan", "not a str")]:   # no hint to write a number it refuses
         with pytest.raises(nb.ConfigError) as error:
             nb.make_config("demo", base_lr=value)
         assert str(error.value).endswith(said), str(error.value)
+
+
+@pytest.mark.parametrize("text", ["1e-06", "5e-4", "2e-3", "1e+20", "0.5", "3"])
+def test_the_yaml_hint_writes_a_number_yaml_reads_as_one(nb, text):
+    """The hint said `write 1e-06` for min_lr: 1e-06 (papermill's YAML reads that as a string too)."""
+    with pytest.raises(nb.ConfigError, match=r"\(write (\S+): YAML reads") as error:
+        nb.config_from_parameters("demo", {"min_lr": text})
+    written = re.search(r"\(write (\S+): YAML", str(error.value)).group(1)
+    assert yaml.safe_load(f"min_lr: {written}") == {"min_lr": float(text)}
 
 
 def test_the_notebook_parameters_must_be_a_mapping(nb):
@@ -175,11 +190,25 @@ def test_a_device_this_machine_lacks_is_refused_where_it_is_picked(nb, monkeypat
 
 
 def test_the_folders_a_run_writes_to_expand_their_tilde(nb):
-    """`~/dino_runs` made a folder named '~' under the notebook's folder: expanded as data_root is."""
-    cfg = nb.make_config("demo", checkpoint_dir="~/dino_runs", cache_dir="~/c", figure_dir="~/f", embedded_dir="~/e")
+    """`~/dino_runs` made a folder named '~' under the notebook's folder: expanded as data_root is, however the
+    setting is given (it was expanded by make_config only, not by `cfg.x = ...` or dataclasses.replace)."""
+    given = dict(checkpoint_dir="~/dino_runs", cache_dir="~/c", figure_dir="~/f", embedded_dir="~/e")
     home = os.path.expanduser("~")
-    assert [cfg.checkpoint_dir, cfg.cache_dir, cfg.figure_dir, cfg.embedded_dir] == \
-        [f"{home}/dino_runs", f"{home}/c", f"{home}/f", f"{home}/e"]
+    expanded = [f"{home}/dino_runs", f"{home}/c", f"{home}/f", f"{home}/e"]
+    assert [getattr(nb.make_config("demo", **given), name) for name in given] == expanded
+    assert [getattr(dataclasses.replace(nb.make_config("demo"), **given), name) for name in given] == expanded
+    cfg = nb.make_config("demo")
+    for name, value in given.items():
+        setattr(cfg, name, value)
+    assert [getattr(cfg, name) for name in given] == expanded
+
+
+def test_override_keys_that_are_no_field_names_are_refused_by_name(nb):
+    """YAML's `{on: 1}` (a boolean key) and `--set profile=short` stopped with Python's TypeError."""
+    with pytest.raises(nb.ConfigError, match=r"overrides has keys \[True, 2\]: keys are Config field names"):
+        nb.config_from_parameters("demo", yaml.safe_load("{on: 1, 2: 3, epochs: 1}"))
+    with pytest.raises(SystemExit, match=r"--set profile=short: the profile is an option of its own: --profile short"):
+        parse_overrides(["epochs=1", "profile=short"])
 
 
 def test_a_profile_among_the_overrides_says_it_is_a_parameter_of_its_own(nb):

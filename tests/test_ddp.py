@@ -110,6 +110,28 @@ dist.destroy_process_group()
 """
 
 
+def test_dumped_teachers_go_to_the_runs_own_folder(nb, tmp_path, monkeypatch):
+    """--dump-teachers wrote to checkpoint_dir/run_name: a run of other settings, which trains in
+    run_name-<hash>, put its teacher into the other run's folder."""
+    import torchrun_train
+    write_imagenet64(tmp_path / "data")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    # the session's notebook module: a second load would replace sys.modules["dino_vit"], and the pickling of
+    # its functions by name (the image decoders' process pool) in later tests would then fail
+    monkeypatch.setattr(torchrun_train, "load_notebook", lambda: nb)
+    folders = []
+    for batch_size in (4, 8):
+        torchrun_train.main(["--profile", "demo", "--max-steps", "1", "--dump-teachers", "--set", *SETTINGS,
+                             f"batch_size={batch_size}", "run_name=r", f"data_root={tmp_path / 'data'}",
+                             f"cache_dir={tmp_path / 'cache'}", f"checkpoint_dir={tmp_path / 'ck'}"])
+        folders.append(sorted(p.parent.name for p in (tmp_path / "ck").glob("*/teacher_rank0.pt")))
+    assert folders[0] == ["r"] and len(folders[1]) == 2 and folders[1][0] == "r" and folders[1][1].startswith("r-")
+    for folder in folders[1]:   # each beside its own run's last.pth
+        dumped = torch.load(tmp_path / "ck" / folder / "teacher_rank0.pt", weights_only=True)
+        saved = torch.load(tmp_path / "ck" / folder / "last.pth", weights_only=True)["teacher"]
+        assert all(torch.equal(dumped[k], saved[k]) for k in saved)
+
+
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     """Each rank's flag alone would stop rank 1 and leave rank 0 waiting in the next all-reduce, or saving
     weights the NaN reached through the averaged gradients; the flags are shared at every step."""

@@ -596,6 +596,33 @@ def test_a_run_whose_data_changed_is_not_resumed_on_the_new_schedule(nb, tmp_pat
         nb.train_dino(cfg, Data(n=24), Data(n=24), torch.device("cpu"), progress=False)
 
 
+def test_a_capped_run_whose_data_changed_is_not_resumed_on_other_images(nb, tmp_path):
+    """With max_train_images, photos added leave the images an epoch unchanged, but each epoch draws them from
+    another pool: the run went on without a word on other images than it would have trained on. Refused,
+    naming both counts; a run on the data it was written with resumes."""
+    cfg = tiny_cfg(nb, tmp_path, max_train_images=12)   # 12 of 16 images an epoch: 3 steps, 6 in all
+    nb.train_dino(cfg, Data(n=16), Data(n=16), torch.device("cpu"), max_steps=4, progress=False)
+    run_dir = tmp_path / "ck" / cfg.run_name
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    with pytest.raises(nb.ConfigError, match=r"last.pth: a run on 12 training images an epoch of 16, but the data now "
+                                             r"give 12 training images an epoch of 20 .*; its steps would draw other "
+                                             r"images: restore the data to resume it"):
+        nb.train_dino(cfg, Data(n=20), Data(n=20), torch.device("cpu"), progress=False)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    resumed, _ = nb.train_dino(cfg, Data(n=16), Data(n=16), torch.device("cpu"), progress=False)
+    assert resumed.step == 6
+
+
+def test_the_progress_bar_is_drawn_every_mininterval_not_every_logged_step(nb, tmp_path, capsys):
+    """set_postfix redrew the bar at every logged step (log_every_steps=1 in the demo): a notebook saved by
+    papermill or Jupyter kept a line per step. It is drawn when opened, at most every 10 s, and when closed."""
+    cfg = tiny_cfg(nb, tmp_path, epochs=1, warmup_epochs=0, max_train_images=0)   # 8 steps, each logged
+    nb.train_dino(cfg, Data(n=32), Data(n=16), torch.device("cpu"), progress=True)
+    drawn = [line for line in capsys.readouterr().out.replace("\r", "\n").splitlines() if line.startswith("epoch 1/1")]
+    assert drawn[-1].startswith("epoch 1/1: 100%") and "8/8" in drawn[-1] and "loss=" in drawn[-1]
+    assert len(drawn) <= 3, drawn
+
+
 def test_every_epoch_is_summed_up_though_it_has_fewer_steps_than_log_every_steps(nb, tmp_path, capsys):
     """An epoch's last step is always logged, so its summary and the stall alarm have figures (with 4 steps an
     epoch and log_every_steps 10, two of three epochs printed 'loss nan')."""

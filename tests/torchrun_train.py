@@ -70,7 +70,7 @@ def main(argv=None):
         if args.dump_teachers and trainer is None:
             print("--dump-teachers: the run is finished and its training checkpoints are gone: no teacher to dump")
         elif args.dump_teachers:
-            path = Path(cfg.checkpoint_dir) / cfg.run_name / f"teacher_rank{rank}.pt"
+            path = nb.run_directory(cfg) / f"teacher_rank{rank}.pt"   # the run's own folder, maybe <run_name>-<hash>
             nb.atomic_write(path, lambda f: torch.save(trainer.teacher.state_dict(), f))
     finally:
         if world_size > 1:
