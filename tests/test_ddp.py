@@ -122,7 +122,7 @@ def test_dumped_teachers_go_to_the_runs_own_folder(nb, tmp_path, monkeypatch):
     folders = []
     for batch_size in (4, 8):
         torchrun_train.main(["--profile", "demo", "--max-steps", "1", "--dump-teachers", "--set", *SETTINGS,
-                             f"batch_size={batch_size}", "run_name=r", f"data_root={tmp_path / 'data'}",
+                             f"batch_size={batch_size}", "run_name=r", "device=cpu", f"data_root={tmp_path / 'data'}",
                              f"cache_dir={tmp_path / 'cache'}", f"checkpoint_dir={tmp_path / 'ck'}"])
         folders.append(sorted(p.parent.name for p in (tmp_path / "ck").glob("*/teacher_rank0.pt")))
     assert folders[0] == ["r"] and len(folders[1]) == 2 and folders[1][0] == "r" and folders[1][1].startswith("r-")

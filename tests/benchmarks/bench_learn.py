@@ -171,7 +171,7 @@ def main():
     eval_seconds, minutes_left = time.perf_counter() - tick, a.minutes - (time.perf_counter() - start) / 60
     fitted = fit_epochs(nb, cfg, train, device, minutes_left, eval_seconds) if a.fit_epochs else None
     if fitted:
-        cfg = dataclasses.replace(cfg, **fitted["settings"])   # the epochs, and warm-ups that fit them
+        cfg = dataclasses.replace(cfg, **fitted["settings"])   # budget_settings: the run, warm-ups cut to fit
         nb.seed_everything(cfg.seed)   # the run is then the run of --set epochs=<fitted>
         trainer = nb.DINOTrainer(cfg, len(train), device)
     result = dict(machine=machine(device), device=device.type, profile=a.profile, settings=overrides, fitted=fitted,
