@@ -13,17 +13,16 @@ import numpy as np
 import pytest
 import torch
 
+from test_cache_integrity import write_val
 from test_train import tiny_cfg
 
 CPU = torch.device("cpu")
 
 
 def val_root(tmp_path, n=2):
-    root = tmp_path / "root"
-    root.mkdir()
     data = np.arange(n * 12288, dtype=np.int64).reshape(n, 12288).astype(np.uint8)
-    (root / "val_data").write_bytes(pickle.dumps({"data": data, "labels": list(range(1, n + 1))}, 4))
-    return root
+    write_val(tmp_path / "root", data, list(range(1, n + 1)))
+    return tmp_path / "root"
 
 
 def damage(path, old, new):
