@@ -301,6 +301,8 @@ def test_a_blur_window_wider_than_a_crop_is_refused_by_name_where_the_config_is_
     with pytest.raises(nb.ConfigError, match=refusal):
         cfg.blur_sigma_224 = (0.1, 20.0)
     assert cfg.blur_sigma_224 == (0.1, 2.0)   # the refused change changed nothing
+    with pytest.raises(nb.ConfigError, match="33-pixel window, too wide for a 16-pixel crop"):   # half 16: reflect
+        nb.make_config("demo", blur_sigma_224=(0.1, 18.2), local_crop_size=16)   # padding needs it under 16
     widest = nb.make_config("demo", blur_sigma_224=(0.1, 17.0), local_crop_size=16)   # a 31-pixel window: fits
     crops = nb.MultiCropAugmentation(widest)(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
     assert [c.shape[-1] for c in crops] == [64, 64] + [16] * widest.n_local_crops

@@ -1,6 +1,7 @@
 """Files damaged in ways a fuzzer found (flipped bytes, odd shapes, odd entries, special files): each is refused
 with the project's own error naming the file, or skipped with a warning, or rebuilt; none escapes as a raw
 TokenError, IndexError, TypeError or RecursionError, none hangs, none is written out empty."""
+import dataclasses
 import io
 import os
 import pickle
@@ -157,12 +158,41 @@ def test_a_last_checkpoint_whose_config_entry_lost_its_fields_falls_back_to_an_i
     assert path.name == "epoch_0001.pth" and "resuming from the newest intact one" in said[0]
 
 
-@pytest.mark.parametrize("text", ['{"arch": "vit_t', "[" * 100_000 + "]" * 100_000], ids=["cut", "nested"])
-def test_damaged_run_settings_are_a_config_error_naming_the_file(nb, tmp_path, text):
+@pytest.mark.parametrize("pool", ["sixteen", 0, None])
+def test_a_last_checkpoint_whose_image_count_is_damaged_falls_back_to_an_intact_one(nb, tmp_path, pool):
+    """A `data_images` that is no count of images is damage, not a run on other data (which stops the resume
+    with advice to restore the data)."""
+    cfg = tiny_cfg(nb, tmp_path, epochs=1)
+    run = tmp_path / "ck" / cfg.run_name
+    run.mkdir(parents=True)
+    trainer = nb.DINOTrainer(cfg, 16, CPU)
+    nb.save_checkpoint(trainer, run / "epoch_0001.pth")
+    state = nb.trainer_state(trainer)
+    state["data_images"] = pool
+    torch.save(state, run / "last.pth")
+    said = []
+    with pytest.warns(UserWarning, match=rf"last.pth: data_images {pool!r} is not a number of images"):
+        path, _ = nb.resume(nb.DINOTrainer(cfg, 16, CPU), run, said.append)
+    assert path.name == "epoch_0001.pth" and "resuming from the newest intact one" in said[0]
+
+
+def test_a_checkpoint_claims_its_own_blur_which_fits_crops_the_default_blur_does_not(nb):
+    """Its crops are checked against its own blur: against the default one, a run of small local crops
+    found its own checkpoints invalid."""
+    cfg = nb.make_config("demo", patch_size=8, global_crop_size=448, local_crop_size=8, blur_sigma_224=(0.1, 0.5))
+    claimed = nb.claimed_config({"config": dataclasses.asdict(cfg)}, "last.pth")
+    assert (claimed.local_crop_size, claimed.blur_sigma_224) == (8, (0.1, 0.5))
+
+
+@pytest.mark.parametrize("text, problem", [('{"arch": "vit_t', "unreadable run settings"),
+                                           ("[" * 100_000 + "]" * 100_000, "unreadable run settings"),
+                                           ("[1, 2]", "run settings must be a JSON object, found list")],
+                         ids=["cut", "nested", "list"])
+def test_damaged_run_settings_are_a_config_error_naming_the_file(nb, tmp_path, text, problem):
     cfg = nb.make_config("demo", checkpoint_dir=str(tmp_path / "ck"))
     (tmp_path / "ck" / "demo").mkdir(parents=True)
     (tmp_path / "ck" / "demo" / "settings.json").write_text(text)
-    with pytest.raises(nb.ConfigError, match=r"demo/settings.json: unreadable run settings"):
+    with pytest.raises(nb.ConfigError, match=rf"demo/settings.json: {problem}"):
         nb.run_directory(cfg)
 
 
@@ -193,11 +223,14 @@ def test_an_export_of_a_teacher_entry_without_a_backbone_writes_nothing(nb, tmp_
     and the run was then taken for finished."""
     trainer = nb.DINOTrainer(tiny_cfg(nb, tmp_path, epochs=1), 16, CPU)
     state = nb.trainer_state(trainer)
-    state["teacher"] = {"module." + k: v for k, v in state["teacher"].items()}
-    torch.save(state, tmp_path / "last.pth")
-    with pytest.raises(nb.CheckpointError, match=r"last.pth: its teacher entry holds no backbone"):
-        nb.export_teacher_backbone(tmp_path / "last.pth", tmp_path / "teacher.pth")
-    assert not (tmp_path / "teacher.pth").exists()
+    teacher = state["teacher"]
+    for damaged in ({"module." + k: v for k, v in teacher.items()},                       # both keys gone
+                    {k: v for k, v in teacher.items() if k != "backbone.patch_embed.proj.weight"},   # one
+                    {k: v for k, v in teacher.items() if k != "backbone.pos_embed"}):                # the other
+        torch.save({**state, "teacher": damaged}, tmp_path / "last.pth")
+        with pytest.raises(nb.CheckpointError, match=r"last.pth: its teacher entry holds no backbone"):
+            nb.export_teacher_backbone(tmp_path / "last.pth", tmp_path / "teacher.pth")
+        assert not (tmp_path / "teacher.pth").exists()
 
 
 def test_a_fifo_at_a_cache_files_name_is_refused_not_waited_on(nb, tmp_path):

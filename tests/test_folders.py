@@ -43,7 +43,9 @@ def png_declaring(path, width, height):
     (np.array([[0, 32768, 65535]], ">u2"), ".tif", [0, 128, 255]),                       # I;16B
     (np.array([[0, 32768, 65535]], np.int32), ".tif", [0, 128, 255]),                    # I, 16-bit values
     (np.array([[-100, 0, 900]], np.int32), ".tif", [0, 26, 255]),                       # I, beyond 16 bits
+    (np.array([[0, 1000, 4095]], np.uint16), ".png", [0, 4, 16]),                       # 12 bits in I;16: dark
     (np.array([[0.0, 0.5, 1.0]], np.float32), ".tif", [0, 128, 255]),                   # F in 0..1
+    (np.array([[0.25, 0.5]], np.float32), ".tif", [64, 128]),                           # F in 0..1, as it is
     (np.array([[-2.0, 0.0, 6.0]], np.float32), ".tif", [0, 64, 255]),                   # F, any range
     (np.array([[-2.0, np.nan, 6.0, np.inf, -np.inf]], np.float32), ".tif", [0, 0, 255, 255, 0]),  # F, no data
 ])
@@ -146,8 +148,9 @@ def test_decompression_bombs_and_broken_files_are_skipped_and_named(nb, tmp_path
     assert "skipped 4 unreadable image(s) of 12" in message and "bomb240mp.png" in message
     assert "exceeds MAX_IMAGE_PIXELS=100,000,000" in message
     assert sum(len(x) for x, _ in chunks) == 8
-    with pytest.raises(Exception, match="MAX_IMAGE_PIXELS=100,000,000"):
-        nb.load_image(folder / "dog" / "bomb150mp.png")
+    for bomb in (folder / "dog" / "bomb150mp.png", folder / "cat" / "bomb240mp.png"):   # the second: PIL's
+        with pytest.raises(nb.UnusableImage, match="MAX_IMAGE_PIXELS=100,000,000"):     # own error, not its type
+            nb.load_image(bomb)
     assert nb.MAX_IMAGE_PIXELS == 100_000_000
 
 

@@ -18,6 +18,16 @@ def test_arrays_labels_and_masks(nb, n, size):
     assert label == data.labels[0] and np.array_equal(image, data.images[0])
 
 
+@pytest.mark.parametrize("n, size", [(0, 32), (10, 7), (10, 4)])
+def test_no_images_or_images_too_small_for_an_object_are_refused(nb, n, size):
+    with pytest.raises(ValueError, match=rf"ShapesDataset\(n={n}, img_size={size}\): needs n >= 1 images of at least 8"):
+        nb.ShapesDataset(n, size)
+
+
+def test_the_smallest_images_still_hold_every_object(nb):
+    assert nb.ShapesDataset(300, 8, seed=1).masks.reshape(300, -1).sum(1).min() >= 1   # 4 pixels: some empty
+
+
 def test_the_same_seed_gives_the_same_set_and_another_seed_another(nb):
     a, b, c = nb.ShapesDataset(30, 32, seed=1), nb.ShapesDataset(30, 32, seed=1), nb.ShapesDataset(30, 32, seed=2)
     assert np.array_equal(a.images, b.images) and np.array_equal(a.masks, b.masks)

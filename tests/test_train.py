@@ -496,6 +496,12 @@ def test_a_runs_random_streams_share_no_numbers(nb, tmp_path, monkeypatch):
     (global_state, crops_state), = states
     draws = [set(torch.rand(4096, dtype=torch.float64, generator=torch.Generator().set_state(s)).tolist()) for s in states[0]]
     assert not draws[0] & draws[1], "the global stream and the crops' stream repeat each other's numbers"
+    cfg = tiny_cfg(nb, tmp_path)
+    weights = set(torch.rand(4096, dtype=torch.float64, generator=torch.Generator().manual_seed(cfg.seed)).tolist())
+    assert not draws[0] & weights, "drop path re-reads the numbers that initialised the weights"
+    fresh = [nb.DINOTrainer(cfg, len(data), torch.device("cpu"), rank=rank).augment.generator.get_state()
+             for rank in (0, 1)]
+    assert not torch.equal(*fresh), "two ranks of a fresh run draw the same crops"
     seeds = [nb.stream_seed(7, stream, rank, step) for stream in nb.SEED_STREAMS for rank in range(4)
              for step in range(4)]
     assert len(set(seeds)) == len(seeds) and 7 not in seeds
@@ -523,6 +529,16 @@ def test_a_resumed_rank_other_than_0_draws_its_own_random_streams(nb, tmp_path):
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again))   # reproducible
     for other in (resumed[0][0], resumed[2][0]):
         assert not any(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, other))   # its own
+    crops, drop_path = (set(torch.rand(4096, dtype=torch.float64, generator=torch.Generator().set_state(s)).tolist())
+                        for s in first[:2])
+    assert not crops & drop_path, "a resumed rank's drop path re-reads its crops' numbers"
+    trainer = nb.DINOTrainer(cfg, len(data), torch.device("cpu"), rank=1)
+    at_step = {}
+    for step in (3, 6, 3):
+        nb.reseed_rank(trainer, step)
+        at_step.setdefault(step, []).append(trainer.augment.generator.get_state())
+    assert torch.equal(*at_step[3]) and not torch.equal(at_step[3][0], at_step[6][0]), \
+        "a rank resumed at another step replays the same crops"
 
 
 def test_a_second_ctrl_c_while_the_checkpoint_is_written_waits_for_the_file(nb, tmp_path, monkeypatch):
