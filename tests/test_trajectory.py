@@ -1,15 +1,21 @@
 """The float32 CPU training step keeps its numerics through every speed change: 10 recorded steps
 (tests/record_trajectory.py) are replayed and compared, loss by loss, and for every tensor of both
-networks and the loss its norm and 8 values at fixed positions. The step equals the authors'
+networks and the loss its norm and 8 values at fixed positions (the key third of each qkv bias apart: its
+gradient is rounding noise, `compared` says why). On this AVX-512 machine the replay equals the recording
+exactly; with torch's AVX2 or plain kernels (ATEN_CPU_CAPABILITY) the losses differ by up to 1.9e-6 and
+the weights by up to 1.5e-7. The step equals the authors'
 train_one_epoch step by step (tests/benchmarks/check_official_step.py, run on demand with a checkout of
 their code: 12 steps with drop path, losses within 2.4e-6, weights within 5e-7); the step's parts are also checked
 against the reference's formulas in test_faithful.py and test_loss.py."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-import numpy as np
 import pytest
 
-from record_trajectory import RECORDING, run, summary
+from record_trajectory import RECORDING, largest_gaps, run, summary
 
 TOLERANCE = 1e-5
 
@@ -21,25 +27,42 @@ def replay(nb, tmp_path_factory):
 
 
 def test_the_ten_losses_equal_the_recording(replay):
-    recorded = json.loads(RECORDING.read_text())["losses"]
-    losses, _ = replay
-    assert len(losses) == len(recorded) == 10
-    gap = max(abs(a - b) for a, b in zip(losses, recorded))
+    recorded = json.loads(RECORDING.read_text())
+    assert len(replay[0]) == len(recorded["losses"]) == 10
+    gap, _ = largest_gaps(*replay, recorded)
     assert gap <= TOLERANCE, f"largest loss difference {gap:.2e} over 10 steps"
 
 
 def test_the_weights_after_ten_steps_equal_the_recording(replay):
-    recorded = json.loads(RECORDING.read_text())["after_10_steps"]
-    _, now = replay
-    worst = (0.0, None)
-    for model, tensors in recorded.items():
-        assert set(now[model]) == set(tensors), model
-        for name, rec in tensors.items():
-            got = now[model][name]
-            gap = max(np.abs(np.subtract(got["values"], rec["values"])).max(),
-                      abs(got["norm"] - rec["norm"]) / max(1.0, rec["norm"]))
-            worst = max(worst, (gap, f"{model}.{name}"), key=lambda w: w[0])
-    assert worst[0] <= TOLERANCE, f"largest weight difference {worst[0]:.2e} at {worst[1]}"
+    _, (gap, where) = largest_gaps(*replay, json.loads(RECORDING.read_text()))
+    assert gap <= TOLERANCE, f"largest weight difference {gap:.2e} at {where}"
+
+
+REPLAY_WITH_PLAIN_KERNELS = """
+import json, sys, tempfile, torch
+sys.path.insert(0, sys.argv[1])
+from nbloader import load_notebook
+from record_trajectory import RECORDING, largest_gaps, run, summary
+with tempfile.TemporaryDirectory() as folder:
+    losses, trainer = run(load_notebook(), folder)
+print(json.dumps([torch.backends.cpu.get_cpu_capability(),
+                  largest_gaps(losses, summary(trainer), json.loads(RECORDING.read_text()))]))
+"""
+
+
+def test_the_recording_holds_on_a_cpu_with_other_kernels():
+    """CI's CPU changes from run to run (AVX-512 here, AVX2 on others), and with it torch's kernels and their
+    rounding: torch's plain kernels stand for another CPU. With them, the key third of the qkv biases differs
+    from this machine's by up to 2.9e-5, three times the tolerance (its sampled values, which the test
+    compared before that third was left out, by 7.8e-6: luck of the positions)."""
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    done = subprocess.run([sys.executable, "-c", REPLAY_WITH_PLAIN_KERNELS, str(tests)], env=env, cwd=tests.parent,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    capability, (loss_gap, (weight_gap, where)) = json.loads(done.stdout.splitlines()[-1])
+    assert capability == "DEFAULT"
+    assert loss_gap <= TOLERANCE and weight_gap <= TOLERANCE, (loss_gap, weight_gap, where)
 
 
 def test_the_recording_and_the_replay_moved_what_a_step_moves(replay):
