@@ -464,6 +464,37 @@ def test_without_fork_or_an_affinity_mask_the_data_is_still_read(nb, monkeypatch
     assert reads_the_batches(loader, data.images, batches)
 
 
+def settings_cells_run(nb):
+    """The notebook's parameters and settings cells, run on a copy of its namespace; torch's thread count after."""
+    cells = {c["id"]: "".join(c["source"]) for c in json.loads(Path(nb.__file__).read_text())["cells"]}
+    namespace, threads, states = dict(vars(nb)), torch.get_num_threads(), nb.rng_states()
+    try:
+        for cell_id in ("cell-011", "cell-012"):
+            exec(cells[cell_id], namespace)
+        return torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+        nb.set_rng_states(states)   # (the settings cell seeds them)
+
+
+@pytest.mark.parametrize("given, expected", [(None, None), ("", None), ("1", 1), ("3", 3), (" 2,1 ", 2)])
+def test_the_settings_cell_keeps_the_thread_count_omp_num_threads_gives(nb, monkeypatch, capsys, given, expected):
+    """It set every usable core whatever the environment said: a job given one core of a shared machine took
+    them all (the tests' own kernels, started with OMP_NUM_THREADS=1, among them)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if given is not None:
+        monkeypatch.setenv("OMP_NUM_THREADS", given)
+    assert nb.cpu_threads() == (expected or nb.usable_cores())
+    assert settings_cells_run(nb) == (expected or nb.usable_cores())
+
+
+@pytest.mark.parametrize("given", ["0", "four", "-2", "2.5"])
+def test_a_thread_count_that_is_no_whole_number_is_refused_by_name(nb, monkeypatch, given):
+    monkeypatch.setenv("OMP_NUM_THREADS", given)
+    with pytest.raises(nb.ConfigError, match=rf"OMP_NUM_THREADS={given!r}: a whole number of threads, at least 1"):
+        nb.cpu_threads()
+
+
 def test_a_checkpoint_from_another_device_steps_here(nb, tmp_path):
     """A checkpoint's optimizer groups carry where they were written (capturable on a GPU); after loading,
     the step uses this trainer's own settings: its device-side learning rate, no AdamW weight decay."""
