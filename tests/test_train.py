@@ -477,7 +477,7 @@ def settings_cells_run(nb):
         nb.set_rng_states(states)   # (the settings cell seeds them)
 
 
-@pytest.mark.parametrize("given, expected", [(None, None), ("", None), ("1", 1), ("3", 3), (" 2,1 ", 2)])
+@pytest.mark.parametrize("given, expected", [(None, None), ("", None), ("1", 1), ("3", 3), (" 2,1 ", 2), ("+2", 2)])
 def test_the_settings_cell_keeps_the_thread_count_omp_num_threads_gives(nb, monkeypatch, capsys, given, expected):
     """It set every usable core whatever the environment said: a job given one core of a shared machine took
     them all (the tests' own kernels, started with OMP_NUM_THREADS=1, among them)."""
@@ -488,10 +488,11 @@ def test_the_settings_cell_keeps_the_thread_count_omp_num_threads_gives(nb, monk
     assert settings_cells_run(nb) == (expected or nb.usable_cores())
 
 
-@pytest.mark.parametrize("given", ["0", "four", "-2", "2.5"])
+@pytest.mark.parametrize("given", ["0", "four", "-2", "2.5", "²", "٣", "10001", "9" * 23])
 def test_a_thread_count_that_is_no_whole_number_is_refused_by_name(nb, monkeypatch, given):
+    """Not a raw ValueError of int() ('²' passes str.isdigit) or of torch.set_num_threads (a 23-digit count)."""
     monkeypatch.setenv("OMP_NUM_THREADS", given)
-    with pytest.raises(nb.ConfigError, match=rf"OMP_NUM_THREADS={given!r}: a whole number of threads, at least 1"):
+    with pytest.raises(nb.ConfigError, match=rf"OMP_NUM_THREADS={given!r}: a whole number of threads from 1 to 10,000"):
         nb.cpu_threads()
 
 
