@@ -63,3 +63,28 @@ def test_a_checkpoint_that_cannot_fit_is_refused_and_the_previous_one_kept(nb, t
     with pytest.raises(OSError, match=r"not writing .*teacher\.pth: it needs about .* 0\.0 MiB free"):
         nb.export_teacher_backbone(last, tmp_path / "run" / "teacher.pth")
     assert leftovers(tmp_path / "run") == ["last.pth"]
+
+
+def test_a_folder_that_cannot_be_written_is_said_of_the_file_meant_not_of_a_temp_file(nb, tmp_path, monkeypatch):
+    """A read-only figures/ or checkpoints/ gave a bare PermissionError naming `.last.pth.<random>.tmp` and no
+    setting; a run's lock, one naming the folder and no setting. (As root, chmod blocks nothing: a file where
+    the folder should be, and a temp file refused, stand for it.)"""
+    blocker = tmp_path / "figures"
+    blocker.write_text("a file where the folder should be")
+    meant = blocker / "run" / "a.jpg"
+    with pytest.raises(NotADirectoryError, match=rf"could not write {meant}: Not a directory \({blocker / 'run'}\); set "
+                                                 r"the folder it goes to \(checkpoint_dir, cache_dir, figure_dir, "
+                                                 r"embedded_dir\) to one you can write"):
+        nb.atomic_write(meant, lambda f: f.write(b"x"))
+    with pytest.raises(NotADirectoryError, match=rf"cannot train in {blocker / 'run'}: Not a directory .*; set "
+                                                 r"checkpoint_dir to a folder you can write"):
+        with nb.run_lock(blocker / "run"):
+            pass
+
+    def read_only(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path.with_name(f".{path.name}.0123.tmp")))
+    monkeypatch.setattr(nb, "exclusive_temp_file", read_only)
+    (tmp_path / "ro").mkdir()
+    with pytest.raises(PermissionError, match=rf"could not write {tmp_path / 'ro' / 'last.pth'}: Permission denied"):
+        nb.atomic_write(tmp_path / "ro" / "last.pth", lambda f: f.write(b"x"))
+    assert leftovers(tmp_path / "ro") == []
