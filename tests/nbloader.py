@@ -24,7 +24,7 @@ def is_export(src):
 def export_sources(path):
     """The source of every code cell whose first line is `#| export`, in notebook order."""
     try:
-        nb = json.loads(Path(path).read_text())
+        nb = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise RuntimeError(f"cannot read notebook {path}: {e}") from e
     sources = []

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def notebook_sections():
     """[(section title, [code sources])] in notebook order; a section starts at a level-2 heading."""
     sections = []
-    for cell in json.loads((ROOT / "dino_vit.ipynb").read_text())["cells"]:
+    for cell in json.loads((ROOT / "dino_vit.ipynb").read_text(encoding="utf-8"))["cells"]:
         src = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
         if cell["cell_type"] == "markdown" and src.startswith("## "):
             sections.append((src.splitlines()[0][3:].strip(), []))

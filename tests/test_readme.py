@@ -20,8 +20,8 @@ import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
-NOTEBOOK = json.loads((ROOT / "dino_vit.ipynb").read_text())
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+NOTEBOOK = json.loads((ROOT / "dino_vit.ipynb").read_text(encoding="utf-8"))
 BIN = Path(sys.executable).parent
 # a small model and a few images: the whole notebook in a few minutes on 2 CPU cores
 TINY = dict(patch_size=16, out_dim=256, head_hidden_dim=64, head_bottleneck_dim=32, n_local_crops=2,
@@ -78,7 +78,7 @@ def test_the_nbconvert_line_runs_the_profile_it_names(tmp_path):
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, name: profile})
     assert done.returncode == 0, done.stderr[-3000:]
-    outputs = json.loads((tmp_path / "build" / "dino_vit.ipynb").read_text())["cells"][-1]["outputs"]
+    outputs = json.loads((tmp_path / "build" / "dino_vit.ipynb").read_text(encoding="utf-8"))["cells"][-1]["outputs"]
     assert f"profile={profile} arch=vit_small/8" in "".join(outputs[0]["text"])
 
 
@@ -134,7 +134,7 @@ def folder_run(nb, tmp_path_factory):
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1200,
                           env={**os.environ, "HOME": str(home)})
     assert done.returncode == 0, done.stderr[-4000:]
-    executed = json.loads((work / "run.ipynb").read_text())
+    executed = json.loads((work / "run.ipynb").read_text(encoding="utf-8"))
     printed = "".join("".join(o.get("text", "")) for c in executed["cells"] if c["cell_type"] == "code"
                       for o in c.get("outputs", []))
     return dict(home=home, work=work, run=work / "ck" / given["run_name"], run_name=given["run_name"],

@@ -34,12 +34,12 @@ def tidy_outputs(outputs):
 
 def tidy(path):
     path = Path(path)
-    nb = json.loads(path.read_text())
+    nb = json.loads(path.read_text(encoding="utf-8"))
     for cell in nb["cells"]:
         cell.get("metadata", {}).pop("execution", None)
         if cell["cell_type"] == "code":
             cell["outputs"] = tidy_outputs(cell["outputs"])
-    path.write_text(json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    path.write_text(json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
