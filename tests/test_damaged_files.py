@@ -141,37 +141,24 @@ def test_an_init_from_file_that_does_not_fit_is_named(nb, tmp_path):
         nb.build_models(nb.make_config("demo", patch_size=16, init_from=str(path)), CPU)
 
 
-def test_a_last_checkpoint_whose_config_entry_lost_its_fields_falls_back_to_an_intact_one(nb, tmp_path):
-    """`config: {}` was taken for another architecture (a plain ValueError): the resume stopped instead of
-    taking the intact checkpoint beside it, as it did for a config entry removed altogether."""
+@pytest.mark.parametrize("entry, value, problem", [
+    ("config", {}, r"its config entry lacks \['arch'"),
+    ("data_images", "sixteen", "data_images 'sixteen' is not a number of images"),
+    ("data_images", 0, "data_images 0 is not a number of images"),
+    ("data_images", None, "data_images None is not a number of images")],
+    ids=["config-without-fields", "pool-text", "pool-zero", "pool-none"])
+def test_a_damaged_last_checkpoint_falls_back_to_an_intact_one(nb, tmp_path, entry, value, problem):
+    """`config: {}` was taken for another architecture (a plain ValueError), and a `data_images` that is no
+    count of images for a run on other data (with advice to restore the data): either stopped the resume,
+    instead of taking the intact checkpoint beside it, as it did for a config entry removed altogether."""
     cfg = tiny_cfg(nb, tmp_path, epochs=1)
     run = tmp_path / "ck" / cfg.run_name
     run.mkdir(parents=True)
     trainer = nb.DINOTrainer(cfg, 16, CPU)
     nb.save_checkpoint(trainer, run / "epoch_0001.pth")
-    state = nb.trainer_state(trainer)
-    state["config"] = {}
-    torch.save(state, run / "last.pth")
+    torch.save({**nb.trainer_state(trainer), entry: value}, run / "last.pth")
     said = []
-    with pytest.warns(UserWarning, match=r"last.pth: its config entry lacks \['arch'"):
-        path, _ = nb.resume(nb.DINOTrainer(cfg, 16, CPU), run, said.append)
-    assert path.name == "epoch_0001.pth" and "resuming from the newest intact one" in said[0]
-
-
-@pytest.mark.parametrize("pool", ["sixteen", 0, None])
-def test_a_last_checkpoint_whose_image_count_is_damaged_falls_back_to_an_intact_one(nb, tmp_path, pool):
-    """A `data_images` that is no count of images is damage, not a run on other data (which stops the resume
-    with advice to restore the data)."""
-    cfg = tiny_cfg(nb, tmp_path, epochs=1)
-    run = tmp_path / "ck" / cfg.run_name
-    run.mkdir(parents=True)
-    trainer = nb.DINOTrainer(cfg, 16, CPU)
-    nb.save_checkpoint(trainer, run / "epoch_0001.pth")
-    state = nb.trainer_state(trainer)
-    state["data_images"] = pool
-    torch.save(state, run / "last.pth")
-    said = []
-    with pytest.warns(UserWarning, match=rf"last.pth: data_images {pool!r} is not a number of images"):
+    with pytest.warns(UserWarning, match=rf"last.pth: {problem}"):
         path, _ = nb.resume(nb.DINOTrainer(cfg, 16, CPU), run, said.append)
     assert path.name == "epoch_0001.pth" and "resuming from the newest intact one" in said[0]
 
