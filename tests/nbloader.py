@@ -21,18 +21,20 @@ def is_export(src):
     return src.lstrip().startswith(EXPORT_MARK)
 
 
-def export_sources(path):
-    """The source of every code cell whose first line is `#| export`, in notebook order."""
+def notebook_cells(path):
+    """The notebook's cells in order, each with its source as one string (the file may hold a list of lines)."""
     try:
         nb = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise RuntimeError(f"cannot read notebook {path}: {e}") from e
-    sources = []
-    for cell in nb["cells"]:
-        src = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
-        if cell["cell_type"] == "code" and is_export(src):
-            sources.append(src)
-    return sources
+    return [{**cell, "source": cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])}
+            for cell in nb["cells"]]
+
+
+def export_sources(path):
+    """The source of every code cell whose first line is `#| export`, in notebook order."""
+    return [cell["source"] for cell in notebook_cells(path)
+            if cell["cell_type"] == "code" and is_export(cell["source"])]
 
 
 def load_notebook(path=None, name="dino_vit"):

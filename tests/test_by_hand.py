@@ -10,7 +10,7 @@ import pytest
 import torch
 from jupyter_client.manager import start_new_kernel
 
-from nbloader import is_export
+from nbloader import is_export, notebook_cells
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def notebook_sections():
     """[(section title, [code sources])] in notebook order; a section starts at a level-2 heading."""
     sections = []
-    for cell in json.loads((ROOT / "dino_vit.ipynb").read_text(encoding="utf-8"))["cells"]:
-        src = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+    for cell in notebook_cells(ROOT / "dino_vit.ipynb"):
+        src = cell["source"]
         if cell["cell_type"] == "markdown" and src.startswith("## "):
             sections.append((src.splitlines()[0][3:].strip(), []))
         elif cell["cell_type"] == "code" and sections:

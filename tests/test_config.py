@@ -1,6 +1,5 @@
 """Settings are checked where they are made: the error names the field, the value and what is allowed."""
 import dataclasses
-import json
 import os
 import re
 import subprocess

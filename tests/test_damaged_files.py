@@ -6,7 +6,6 @@ import io
 import os
 import pickle
 import signal
-import warnings
 import zipfile
 from pathlib import Path
 

@@ -6,12 +6,13 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from nbloader import notebook_cells
 
 
 def tiny_cfg(nb, tmp_path, **kw):
@@ -466,7 +467,7 @@ def test_without_fork_or_an_affinity_mask_the_data_is_still_read(nb, monkeypatch
 
 def settings_cells_run(nb):
     """The notebook's parameters and settings cells, run on a copy of its namespace; torch's thread count after."""
-    cells = {c["id"]: "".join(c["source"]) for c in json.loads(Path(nb.__file__).read_text())["cells"]}
+    cells = {cell.get("id"): cell["source"] for cell in notebook_cells(nb.__file__)}
     namespace, threads, states = dict(vars(nb)), torch.get_num_threads(), nb.rng_states()
     try:
         for cell_id in ("cell-011", "cell-012"):
@@ -512,6 +513,11 @@ def test_a_checkpoint_from_another_device_steps_here(nb, tmp_path):
     assert t.now["lr"].item() == pytest.approx(stats["lr"])
 
 
+def first_draws(state):
+    """The 4096 numbers a torch generator in `state` draws first, as a set (two streams that share none)."""
+    return set(torch.rand(4096, dtype=torch.float64, generator=torch.Generator().set_state(state)).tolist())
+
+
 def test_a_runs_random_streams_share_no_numbers(nb, tmp_path, monkeypatch):
     """Drop path draws from the global stream, the crops from the augmentation's generator: both were seeded
     with seed + rank, so every drop-path mask re-read numbers the crops had already used. Now each stream,
@@ -524,12 +530,12 @@ def test_a_runs_random_streams_share_no_numbers(nb, tmp_path, monkeypatch):
             states.append((torch.get_rng_state(), t.augment.generator.get_state()))
         return real_step(t, images, diagnostics)
     monkeypatch.setattr(nb, "train_step", first_step)
-    nb.train_dino(tiny_cfg(nb, tmp_path), data, data, torch.device("cpu"), max_steps=1, progress=False)
-    (global_state, crops_state), = states
-    draws = [set(torch.rand(4096, dtype=torch.float64, generator=torch.Generator().set_state(s)).tolist()) for s in states[0]]
-    assert not draws[0] & draws[1], "the global stream and the crops' stream repeat each other's numbers"
     cfg = tiny_cfg(nb, tmp_path)
-    weights = set(torch.rand(4096, dtype=torch.float64, generator=torch.Generator().manual_seed(cfg.seed)).tolist())
+    nb.train_dino(cfg, data, data, torch.device("cpu"), max_steps=1, progress=False)
+    (global_state, crops_state), = states
+    draws = [first_draws(state) for state in states[0]]
+    assert not draws[0] & draws[1], "the global stream and the crops' stream repeat each other's numbers"
+    weights = first_draws(torch.Generator().manual_seed(cfg.seed).get_state())
     assert not draws[0] & weights, "drop path re-reads the numbers that initialised the weights"
     fresh = [nb.DINOTrainer(cfg, len(data), torch.device("cpu"), rank=rank).augment.generator.get_state()
              for rank in (0, 1)]
@@ -561,8 +567,7 @@ def test_a_resumed_rank_other_than_0_draws_its_own_random_streams(nb, tmp_path):
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again))   # reproducible
     for other in (resumed[0][0], resumed[2][0]):
         assert not any(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, other))   # its own
-    crops, drop_path = (set(torch.rand(4096, dtype=torch.float64, generator=torch.Generator().set_state(s)).tolist())
-                        for s in first[:2])
+    crops, drop_path = (first_draws(state) for state in first[:2])
     assert not crops & drop_path, "a resumed rank's drop path re-reads its crops' numbers"
     trainer = nb.DINOTrainer(cfg, len(data), torch.device("cpu"), rank=1)
     at_step = {}
