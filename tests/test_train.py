@@ -1,6 +1,7 @@
 """Schedules, optimiser rules, EMA, checkpoints and exact resume of the training section."""
 import itertools
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -349,6 +350,39 @@ def test_interrupt_saves_then_stops_and_resumes(nb, tmp_path, monkeypatch, signa
     handler = signal.getsignal(signal_number)
     t, _ = nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
     assert t.step == 8 and signal.getsignal(signal_number) is handler   # the handler given back after the run
+
+
+def test_a_ctrl_c_whose_traceback_is_kept_leaves_no_reader_running(nb, tmp_path, monkeypatch):
+    """Jupyter keeps a cell's last error, and with it the run's frames and their loader: its reader processes
+    went on running beside the kernel, two more with each interrupted re-run."""
+    cfg, data, real_step = tiny_cfg(nb, tmp_path, num_workers=2), Data(), nb.train_step
+    monkeypatch.setattr(nb, "train_step", lambda t, images, read: (
+        os.kill(os.getpid(), signal.SIGINT) if t.step == 2 else None, real_step(t, images, read))[1])
+    with pytest.raises(KeyboardInterrupt, match="step 3") as kept:
+        nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
+    assert kept.tb is not None and multiprocessing.active_children() == []
+
+
+def test_a_script_stopped_by_ctrl_c_exits_after_saving(tmp_path):
+    """Uncaught, the Ctrl-C's traceback lives until Python exits, and Python's exit waited forever for the
+    readers it kept (they leave SIGTERM to their trainer): a preempted job sat until its grace period's kill."""
+    script = tmp_path / "stopped.py"
+    script.write_text(f"""
+import os, signal, sys, torch
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from nbloader import load_notebook
+from test_train import Data, tiny_cfg
+nb = load_notebook()
+real_step = nb.train_step
+nb.train_step = lambda t, images, read: (
+    os.kill(os.getpid(), signal.SIGINT) if t.step == 2 else None, real_step(t, images, read))[1]
+nb.train_dino(tiny_cfg(nb, Path({str(tmp_path)!r}), num_workers=2), Data(), Data(), torch.device("cpu"),
+              progress=False)
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    assert "KeyboardInterrupt: interrupted at step 3; saved" in done.stderr, done.stderr[-2000:]
+    assert torch.load(tmp_path / "ck" / "demo" / "last.pth", weights_only=True)["step"] == 3
 
 
 def test_max_steps_already_reached_trains_no_further(nb, tmp_path):
