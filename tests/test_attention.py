@@ -149,6 +149,36 @@ def test_attention_row_and_figure(nb, tmp_path):
     assert path.is_file() and path.stat().st_size > 1000
 
 
+PICTURE = np.random.default_rng(2).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("picture,says", [
+    (PICTURE / 255.0, r"expected uint8 RGB images \(B, 3, H, W\) in 0\.\.255, got float64 .*\(x \* 255\)\.round\(\)"),
+    (PICTURE.astype(np.float32) / 255, "got float32"),   # plt.imread of a PNG: divided by 255 twice, no error
+    (PICTURE[..., 0], r"expected an RGB picture \(H, W, 3\), got shape \(40, 48\): load files with load_image"),
+    (np.dstack([PICTURE, PICTURE[..., :1]]), r"got shape \(40, 48, 4\)"),   # RGBA
+    (PICTURE.transpose(2, 0, 1), r"got shape \(3, 40, 48\)"),
+    (PICTURE[:5, :30], "images of 30x5 px: smaller than one 8-px patch")])
+@pytest.mark.parametrize("entry", ["attention_row", "patch_token_norms", "patch_pca_images"])
+def test_a_picture_that_is_not_uint8_rgb_is_refused_by_what_it_is(nb, picture, says, entry):
+    model = small_vit(nb)
+    run = {"attention_row": lambda: nb.attention_row(model, picture, 0.6),
+           "patch_token_norms": lambda: nb.patch_token_norms(model, picture),
+           "patch_pca_images": lambda: nb.patch_pca_images(model, [PICTURE, picture])}[entry]
+    with pytest.raises(ValueError, match=says):
+        run()
+
+
+def test_batches_that_are_not_uint8_are_refused_by_the_batch_entry_points(nb):
+    model, batch = small_vit(nb), torch.from_numpy(PICTURE.transpose(2, 0, 1).copy())[None]
+    for run in (lambda x: nb.cls_attention_maps(model, x), lambda x: nb.extract_features(model, x)):
+        assert torch.isfinite(run(batch)).all()
+        with pytest.raises(ValueError, match=r"got float32 of shape \(1, 3, 40, 48\)"):
+            run(batch.float() / 255)
+    with pytest.raises(ValueError, match="images of 48x7 px: smaller than one 8-px patch"):
+        nb.cls_attention_maps(model, batch[..., :7, :])
+
+
 def test_photo_for_attention_caps_the_long_side(nb):
     photo = nb.photo_for_attention("chelsea", 200)
     assert photo.dtype == np.uint8 and photo.ndim == 3 and photo.shape[2] == 3

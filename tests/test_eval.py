@@ -127,6 +127,26 @@ def test_knn_accepts_numpy_and_rejects_empty(nb):
         nb.knn_classify(train, labels, train[:0], labels[:0], k=1)
 
 
+@pytest.mark.parametrize("score", ["knn", "probe"])
+@pytest.mark.parametrize("which", ["train", "val"])
+def test_features_of_a_diverged_network_are_refused_not_scored(nb, score, which):
+    """One NaN row among finite ones: k-NN scored it as 0% and the probe as chance, a network that learned
+    nothing rather than one that diverged."""
+    gen = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(40, 8, generator=gen), torch.arange(40) % 4
+    train, val = feats[:20].clone(), feats[20:].clone()
+    (train if which == "train" else val)[3, 5] = float("nan")
+    run = {"knn": lambda: nb.knn_classify(train, labels[:20], val, labels[20:], k=5),
+           "probe": lambda: nb.linear_probe(train, labels[:20], val, labels[20:], epochs=2, batch_size=10)}[score]
+    with pytest.raises(ValueError, match=r"1 of 20 features hold NaN or inf: the network that made them has diverged"):
+        run()
+
+
+def test_the_probe_needs_two_training_features_to_standardise_by(nb):
+    feats, labels = torch.randn(3, 8), torch.tensor([0, 1, 0])
+    with pytest.raises(ValueError, match="at least 2 training features, got 1"):
+        nb.linear_probe(feats[:1], labels[:1], feats[1:], labels[1:], epochs=1, batch_size=1)
+
 # ---------------------------------------------------------------- features
 
 def test_extract_features_shapes_batches_and_mode(nb, tmp_path):

@@ -308,6 +308,18 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(nb, tmp_path):
     assert last.read_bytes() == good
 
 
+def test_weights_an_update_made_non_finite_after_a_finite_loss_are_never_saved(nb, tmp_path):
+    """base_lr 1e5, two steps an epoch: the epoch's last update overflows while its loss is finite. The epoch's
+    checkpoints were written with NaN weights, the next step then said it had left the checkpoint as it was,
+    and the run had no intact file to resume from."""
+    cfg = tiny_cfg(nb, tmp_path, warmup_epochs=0, clip_grad=0.0, base_lr=1e5, log_every_steps=2)
+    data = Data(8)
+    with pytest.raises(nb.NonFiniteLoss, match=r"non-finite weights after the update of step 1 \(epoch 0\), whose "
+                                               r"loss was finite: it overflowed at lr=[0-9.e+]+ \(lower base_lr\)"):
+        nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
+    assert not list((tmp_path / "ck").rglob("*.pth"))
+
+
 def test_a_checkpoint_of_another_architecture_is_refused(nb, tmp_path):
     """A run folder without settings.json (an older run) whose last.pth is of another model: refused."""
     data = Data()
