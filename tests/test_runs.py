@@ -27,7 +27,9 @@ def test_changed_settings_go_to_their_own_folder_and_leave_the_old_run_alone(nb,
     changed = dataclasses.replace(cfg, batch_size=8)
     new_dir = nb.record_settings(changed, nb.run_directory(changed, verbose=True))
     assert new_dir != old_dir and new_dir.name.startswith("demo-") and len(new_dir.name) == len("demo-") + 8
-    assert "batch_size" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "batch_size" in said and f"trained from the start (to start from that run's weights instead, set " \
+                                   f"init_from='{old_dir / 'last.pth'}')" in said
     assert {p.name: p.read_bytes() for p in old_dir.iterdir()} == before
     assert nb.run_directory(changed) == new_dir  # stable: the same settings find the same folder
     assert nb.run_directory(cfg) == old_dir
