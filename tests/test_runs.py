@@ -35,6 +35,25 @@ def test_changed_settings_go_to_their_own_folder_and_leave_the_old_run_alone(nb,
     assert nb.run_directory(cfg) == old_dir
 
 
+def test_the_notice_of_changed_settings_says_what_happens_and_offers_only_weights_that_fit(nb, tmp_path, capsys):
+    """It said 'trained from the start' to a run it then resumed, and offered init_from for a model of another
+    shape (refused) or a file that was not there."""
+    cfg = tiny(nb, tmp_path)
+    old_dir = nb.record_settings(cfg, nb.run_directory(cfg))
+    other_head = dataclasses.replace(cfg, out_dim=32)
+    nb.run_directory(other_head, verbose=True)   # no file in the old run yet
+    assert capsys.readouterr().out.rstrip().endswith(", trained from the start")
+    (old_dir / "teacher.pth").write_bytes(b"a finished run's teacher")
+    nb.run_directory(other_head, verbose=True)   # a head of another size does not take its weights
+    assert capsys.readouterr().out.rstrip().endswith(", trained from the start")
+    longer = dataclasses.replace(cfg, epochs=cfg.epochs + 1)
+    nb.record_settings(longer, nb.run_directory(longer, verbose=True))
+    assert f"init_from='{old_dir / 'teacher.pth'}'" in capsys.readouterr().out
+    nb.run_directory(longer, verbose=True)   # its own folder holds it now: resumed, not started again
+    said = capsys.readouterr().out
+    assert "this run is demo-" in said and "from the start" not in said
+
+
 def test_unreadable_settings_name_the_file(nb, tmp_path):
     cfg = tiny(nb, tmp_path)
     run_dir = nb.record_settings(cfg, nb.run_directory(cfg))

@@ -308,6 +308,17 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(nb, tmp_path):
     assert last.read_bytes() == good
 
 
+def test_a_resumed_run_names_a_non_finite_loss_by_its_own_step(nb, tmp_path):
+    """The steps checked were counted from 0 after a resume: 'one of steps 0..2' for the step after it."""
+    cfg, data = tiny_cfg(nb, tmp_path, log_every_steps=100), Data()
+    nb.train_dino(cfg, data, data, torch.device("cpu"), max_steps=2, progress=False)
+    resumed = nb.DINOTrainer(cfg, len(data), torch.device("cpu"))
+    nb.load_checkpoint(resumed, tmp_path / "ck" / cfg.run_name / "last.pth")
+    with torch.no_grad():
+        resumed.student.backbone.norm.weight.fill_(float("nan"))
+    with pytest.raises(nb.NonFiniteLoss, match=r"non-finite loss at step 2 \(epoch 0\): loss=nan"):
+        nb.train_step(resumed, torch.from_numpy(data.images[:4]))
+
 def test_weights_an_update_made_non_finite_after_a_finite_loss_are_never_saved(nb, tmp_path):
     """base_lr 1e5, two steps an epoch: the epoch's last update overflows while its loss is finite. The epoch's
     checkpoints were written with NaN weights, the next step then said it had left the checkpoint as it was,

@@ -315,10 +315,11 @@ def test_reference_training_checkpoint_round_trip(nb, tmp_path, old_api):
 
 
 def test_a_dinov2_training_checkpoint_gives_a_bare_backbone_its_backbone(nb, tmp_path):
-    """DINOv2's teacher_checkpoint.pth: backbone.* beside dino_head.* and ibot_head.*; only the backbone's
-    entries go into a bare ViT (a filter that dropped only DINO's head.* refused the file)."""
+    """DINOv2's teacher_checkpoint.pth: backbone.* (with iBOT's mask_token) beside dino_head.* and ibot_head.*;
+    only the backbone's entries go into a bare ViT (a filter that dropped only DINO's head.* refused the file)."""
     teacher = tiny_wrapper(nb, seed=5)
     backbone = {"backbone." + k: v for k, v in teacher.backbone.state_dict().items()}
+    backbone["backbone.mask_token"] = torch.zeros(1, teacher.backbone.embed_dim)   # iBOT's; DINOv2 keeps one
     heads = {f"{name}.{k}": v for name in ("dino_head", "ibot_head") for k, v in teacher.head.state_dict().items()}
     torch.save({"teacher": {**backbone, **heads}}, tmp_path / "teacher_checkpoint.pth")
     loaded = nb.load_dino_checkpoint(mini_vit(nb), tmp_path / "teacher_checkpoint.pth")
