@@ -179,6 +179,13 @@ def test_batches_that_are_not_uint8_are_refused_by_the_batch_entry_points(nb):
         nb.cls_attention_maps(model, batch[..., :7, :])
 
 
+def test_a_channels_last_batch_is_refused_as_such_not_as_a_small_image(nb):
+    """(1, 40, 56, 3) was cropped to patches first and refused as 'images of 3x56 px'."""
+    batch = torch.from_numpy(np.ascontiguousarray(PICTURE[None]))
+    with pytest.raises(ValueError, match=r"expected uint8 RGB images \(B, 3, H, W\).* shape \(1, 40, 48, 3\)"):
+        nb.cls_attention_maps(small_vit(nb), batch)
+
+
 def test_photo_for_attention_caps_the_long_side(nb):
     photo = nb.photo_for_attention("chelsea", 200)
     assert photo.dtype == np.uint8 and photo.ndim == 3 and photo.shape[2] == 3

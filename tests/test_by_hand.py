@@ -1,6 +1,7 @@
 """The notebook driven by hand, in real Jupyter kernels: each section runs in a fresh kernel after only
 the Setup cells and the definitions (`#| export` cells) above it; settings changed in a live kernel never
 mix runs; a cell that fails leaves the cells after it a clear error, not a stale object."""
+import ast
 import hashlib
 import json
 import time
@@ -138,6 +139,31 @@ def training_section_run(shared_dirs, tmp_path_factory):
 
 def test_the_training_section_needs_only_the_definitions_above_it(training_section_run):
     assert (training_section_run / "teacher.pth").is_file()
+
+
+def names_read(src):
+    """The names a cell reads that it does not assign itself (in any scope: enough for these cells)."""
+    names = [node for node in ast.walk(ast.parse(src)) if isinstance(node, ast.Name)]
+    return ({n.id for n in names if isinstance(n.ctx, ast.Load)} - {n.id for n in names if isinstance(n.ctx, ast.Store)})
+
+
+def test_after_the_train_cell_only_the_cells_that_show_its_run_need_it(shared_dirs, tmp_path):
+    """The budget, the demo checkpoint's longer run and the switched-off runs read the train_set that only the
+    Train cell made: before it, or in a fresh kernel, they failed with 'run the first code cell of its
+    section', a schedule plot that does not make it."""
+    cells = dict(SECTIONS)["Training"]
+    train_cell = next(src for src in cells if "train_dino(" in src and not is_export(src))
+    others = [src for src in cells[cells.index(train_cell) + 1:]
+              if not is_export(src) and not names_read(src) & {"trainer", "history"}]
+    assert not any(names_read(src) & {"train_set", "val_set"} for src in others)
+    kernel = start_with_setup(small_overrides(shared_dirs, tmp_path))
+    try:
+        run_definitions_above(kernel, "Evaluation")   # every definition of Training too, no Train cell
+        for src in others:
+            kernel.run_ok(src)
+    finally:
+        kernel.close()
+    assert len(others) >= 4
 
 
 def test_the_crash_checks_run_whatever_the_profile_logs_and_reads_with(shared_dirs, tmp_path):

@@ -103,6 +103,25 @@ def test_assignment_is_checked_and_leaves_the_config_as_it_was(nb):
     assert cfg.compile is not nb.make_config("demo").compile
 
 
+def test_a_misspelt_field_assigned_offers_the_closest_names(nb):
+    """cfg.epoch = 3 raised dataclasses' "__init__() got an unexpected keyword argument 'epoch'"."""
+    cfg = nb.make_config("demo")
+    with pytest.raises(nb.ConfigError, match=r"unknown Config field\(s\): 'epoch' \(did you mean 'epochs'"):
+        cfg.epoch = 3
+    assert cfg == nb.make_config("demo") and not hasattr(cfg, "epoch")
+
+
+def test_a_run_name_whose_both_folders_hold_other_runs_is_a_config_error(nb, tmp_path):
+    """Raised as a bare ValueError: papermill showed a traceback through the notebook for a setting."""
+    make = lambda **kw: nb.make_config("demo", checkpoint_dir=str(tmp_path), **kw)
+    nb.record_settings(make(), nb.run_directory(make()))
+    other = nb.run_directory(make(epochs=2))   # checkpoints/demo-<hash of these settings>
+    other.mkdir()
+    nb.record_settings(make(epochs=3), other)   # another run's settings there (a copied folder)
+    with pytest.raises(nb.ConfigError, match=f"{other.name}: holds a run of other settings too"):
+        nb.run_directory(make(epochs=2))
+
+
 def test_command_line_overrides_are_checked(nb):
     with pytest.raises(nb.ConfigError, match="batch_size='many': must be a finite int"):
         nb.make_config("demo", **parse_overrides(["batch_size=many"]))

@@ -127,6 +127,47 @@ def test_knn_accepts_numpy_and_rejects_empty(nb):
         nb.knn_classify(train, labels, train[:0], labels[:0], k=1)
 
 
+MISMATCHES = {   # (train features, train labels, test features, test labels) from 20 + 10 rows, 8 wide
+    "more labels": (lambda f, l: (f[:20], torch.cat([l[:20], l[:5]]), f[20:], l[20:]),
+                    r"train labels must be one int >= 0 per feature: 20 features, labels of shape \(25,\)"),
+    "fewer labels": (lambda f, l: (f[:20], l[:20], f[20:], l[20:25]), r"test labels .* 10 features, .*\(5,\)"),
+    "widths": (lambda f, l: (f[:20], l[:20], f[20:, :4], l[20:]), "train features are 8 wide, test features 4"),
+    "negative": (lambda f, l: (f[:20], l[:20] - 1, f[20:], l[20:]), "train labels must be one int >= 0"),
+    "float labels": (lambda f, l: (f[:20], l[:20].float(), f[20:], l[20:]), r"train labels .* labels of shape \(20,\), float32"),
+    "one image": (lambda f, l: (f[0], l[:1], f[20:], l[20:]), r"train features must be \(N, D\) .* shape \(8,\)"),
+}
+
+
+@pytest.mark.parametrize("score", ["knn_classify", "linear_probe"])
+@pytest.mark.parametrize("mismatch", MISMATCHES)
+def test_features_and_labels_that_do_not_match_are_refused_by_what_differs(nb, score, mismatch):
+    """80 labels for 50 features were scored; 30 labels gave an IndexError, two widths a matmul error."""
+    gen = torch.Generator().manual_seed(0)
+    make, says = MISMATCHES[mismatch]
+    args = make(torch.randn(30, 8, generator=gen), torch.arange(30) % 3)
+    run = {"knn_classify": lambda: nb.knn_classify(*args, k=5),
+           "linear_probe": lambda: nb.linear_probe(*args, epochs=1, batch_size=10)}[score]
+    with pytest.raises(ValueError, match=f"{score}: {says}"):
+        run()
+
+
+@pytest.mark.parametrize("call, says", [
+    (lambda nb, a: nb.knn_classify(*a, k=0), r"k must be ints >= 1 and T > 0, got k=0"),
+    (lambda nb, a: nb.knn_classify(*a, k=(20, 2.5)), r"got k=\(20, 2.5\)"),
+    (lambda nb, a: nb.knn_classify(*a, k=5, T=0), r"T=0"),
+    (lambda nb, a: nb.knn_classify(*a, k=5, T=float("nan")), r"T=nan"),
+    (lambda nb, a: nb.linear_probe(*a, epochs=0), r"epochs and batch_size must be ints >= 1 and lr > 0, got epochs=0"),
+    (lambda nb, a: nb.linear_probe(*a, batch_size=0), r"batch_size=0"),
+    (lambda nb, a: nb.linear_probe(*a, lr=float("nan")), r"lr=nan"),
+    (lambda nb, a: nb.linear_probe(*a, lr=-0.1), r"lr=-0.1")])
+def test_settings_that_score_nothing_are_refused_not_scored(nb, call, says):
+    """k=0 and T=0 scored 0%; a probe of 0 epochs or a NaN learning rate scored its untrained classifier."""
+    feats, labels = torch.randn(30, 8, generator=torch.Generator().manual_seed(0)), torch.arange(30) % 3
+    with pytest.raises(ValueError, match=says):
+        call(nb, (feats[:20], labels[:20], feats[20:], labels[20:]))
+    assert nb.knn_classify(feats[:20], labels[:20], feats[20:], labels[20:], k=np.int64(5))[5][0] >= 0
+
+
 @pytest.mark.parametrize("score", ["knn", "probe"])
 @pytest.mark.parametrize("which", ["train", "val"])
 def test_features_of_a_diverged_network_are_refused_not_scored(nb, score, which):

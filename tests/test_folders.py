@@ -269,6 +269,43 @@ def test_a_kaggle_layout_is_its_own_split_not_three_classes(nb, tmp_path, held_o
     assert nb.labelled_images(tmp_path / "set")[2] == ["cat", "dog"]
 
 
+def test_a_lone_train_folder_is_a_split_of_its_classes_not_one_class(nb, tmp_path):
+    """data_root holding train/cat and train/dog alone read as one class, 'train': k-NN scored 100% for
+    any network, with no word. A class named train beside others stays a class."""
+    for c in ("cat", "dog"):
+        for i in range(4):
+            write_png(tmp_path / "set" / "train" / c / f"{i}.png", asymmetric(8, 8, seed=i))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        train, val = (nb.folder_split(tmp_path / "set", split, 0.25) for split in ("train", "val"))
+    assert train[2] == val[2] == ["cat", "dog"] and val[1] == [0, 1] and len(train[0]) == 6
+    assert any("its only folder is train/" in str(w.message) for w in said)
+    assert nb.labelled_images(tmp_path / "set")[2] == ["cat", "dog"]
+    for c in ("car", "train"):   # photographs of trains and of cars
+        for i in range(2):
+            write_png(tmp_path / "vehicles" / c / f"{i}.png", asymmetric(8, 8, seed=i))
+    assert nb.folder_split(tmp_path / "vehicles", "train", 0.5)[2] == ["car", "train"]
+
+
+def test_one_class_folder_is_read_as_unlabelled_images(nb, tmp_path):
+    """One class folder: k-NN and the probe scored 100% whatever the network."""
+    for i in range(6):
+        write_png(tmp_path / "f" / "cat" / f"{i}.png", asymmetric(8, 8, seed=i))
+    with pytest.warns(UserWarning, match=r"one class folder, cat/: read as unlabelled images"):
+        train = nb.ImageFolder(tmp_path / "f", "train", 8, 0.2, cache_dir=tmp_path / "c")
+    assert not train.has_labels and train.classes == [] and len(train) == 5
+    with pytest.raises(nb.DataError, match="no labels to score k-NN accuracy against"):
+        nb.knn_accuracy(None, train, train, nb.make_config("demo"), "cpu")
+
+
+@pytest.mark.parametrize("size", [0, -8, "64", 16.0, True])
+def test_an_image_size_that_is_no_pixel_count_is_refused_before_a_cache_is_written(nb, tmp_path, size):
+    write_png(tmp_path / "f" / "a.png", asymmetric(8, 8))
+    with pytest.raises(ValueError, match=rf"img_size={size!r}: must be a whole number of pixels >= 1"):
+        nb.ImageFolder(tmp_path / "f", "train", size, cache_dir=tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_class_folder_named_in_another_encoding_is_shown_escaped(nb, tmp_path):
     """A folder b'caf\\xe9' (Latin-1, from an old zip or a Windows share): its name printed in the split's
     counts failed under UTF-8 output, and drawn as a figure title failed in every environment."""
@@ -492,6 +529,19 @@ def test_images_narrower_than_one_patch_are_skipped_and_named(nb, tmp_path, smal
     assert "icon.png', '5x5 px" in message and "banner.png', '50x2 px" in message and "8-px patch" in message
     with pytest.raises(nb.DataError, match="none of the 2 image file"):
         nb.attention_rows_for_files(small_vit, paths[:2], 0.6, max_side=50)
+
+
+def test_one_file_is_a_list_of_one_and_a_missing_one_is_named(nb, tmp_path, small_vit):
+    """A path given as a str was read a character at a time ('/', 't', ...); a Path was not iterable; a file
+    that is not there was 'none of the 1 image file(s) could be read'; max_side=0 blamed the photograph."""
+    photo = write_png(tmp_path / "photo.png", asymmetric(40, 48))
+    for given in (str(photo), photo):
+        assert len(nb.attention_rows_for_files(small_vit, given, 0.6, max_side=50)) == 1
+    with pytest.raises(ValueError, match="max_side=0: must be a whole number of pixels >= 1"):
+        nb.attention_rows_for_files(small_vit, [photo], 0.6, max_side=0)
+    with pytest.raises(nb.DataError, match="no_such_folder: no such file or folder"):
+        nb.export_features(small_vit, tmp_path / "no_such_folder", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_export_features_of_a_folder_with_train_and_val_labels_by_class(nb, tmp_path, small_vit):
