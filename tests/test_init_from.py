@@ -1,6 +1,7 @@
 """cfg.init_from: student and teacher start from a DINO, DINOv2 or own file, position table resized to the
 run's grid by the model's own rule, the file's head when it fits, clear errors when the file does not fit."""
 import math
+import re
 
 import pytest
 import torch
@@ -128,7 +129,7 @@ def test_a_file_that_is_no_checkpoint_says_so_at_once(nb, tmp_path):
                        r"this file is the start of one without its end \(a download or copy cut short\?\): fetch it"):
         config(nb, tmp_path / "half.pth")   # (it was called no zip archive, its first bytes quoted: PK\x03\x04)
     torch.save({"epoch": torch.tensor(3)}, tmp_path / "no_backbone.pth")
-    with pytest.raises(nb.ConfigError, match=r"no_backbone\.pth'.*holds no ViT backbone"):
+    with pytest.raises(nb.ConfigError, match=r"no_backbone\.pth'.*not a ViT backbone this notebook can build: it has no \['pos_embed'"):
         config(nb, tmp_path / "no_backbone.pth")
     linear = {"state_dict": {"module.linear.weight": torch.zeros(10, 8)}, "best_acc": 80.0}   # a release's probe
     torch.save(linear, tmp_path / "dino_deitsmall8_linearweights.pth")
@@ -207,3 +208,52 @@ def test_a_dinov2_training_teacher_with_chunked_blocks_loads_as_its_release(nb, 
     loaded = backbone.state_dict()
     assert len(backbone.blocks) == 12 and loaded.keys() == flat.keys()
     assert all(torch.equal(loaded[key], value) for key, value in flat.items())
+
+
+def file_formats(nb):
+    """{name: what torch.save is given} for every layout the loaders read: a DINO release (bare backbone), a
+    DINO training checkpoint (teacher and student wrapped in DDP's module.), our last.pth and teacher.pth, a
+    DINOv2 release with registers and LayerScale, a DINOv2 training teacher with chunked blocks and heads,
+    a torch.compile'd backbone, and a width this notebook has no heads for."""
+    release = random_file_weights(nb.vit_tiny(patch_size=8, img_size=224), seed=1)
+    wrapped = {f"module.backbone.{key}": value for key, value in release.items()}
+    ours, _ = nb.build_models(nb.make_config("demo", **HEAD), torch.device("cpu"))
+    dinov2 = random_file_weights(nb.VisionTransformer(518, 14, embed_dim=192, depth=12, num_heads=3,
+                                                      num_register_tokens=4, layerscale_init=1.0), seed=2)
+    chunked = {"backbone." + (key.replace("blocks.", f"blocks.{int(key.split('.')[1]) // 4}.", 1)
+                              if key.startswith("blocks.") else key): value for key, value in dinov2.items()}
+    odd_width = random_file_weights(nb.VisionTransformer(32, 8, embed_dim=40, depth=2, num_heads=2), seed=3)
+    return {"dino release": release,
+            "dino training": {"teacher": wrapped, "student": wrapped, "epoch": 3},
+            "our last.pth": {"teacher": ours.state_dict(), "student": ours.state_dict(), "epoch": 1},
+            "our teacher.pth": {f"backbone.{k}": v for k, v in ours.backbone.state_dict().items()},
+            "dinov2 release": dinov2,
+            "dinov2 training": {"teacher": {**chunked, "dino_head.last_layer.weight": torch.randn(8, 4),
+                                            "ibot_head.last_layer.weight": torch.randn(8, 4)}},
+            "compiled": {f"_orig_mod.{key}": value for key, value in release.items()},
+            "odd width": odd_width,
+            "no cls_token": {k: v for k, v in release.items() if k != "cls_token"},
+            "swiglu": {**release, "blocks.0.mlp.w12.weight": torch.zeros(8, 192)}}
+
+
+def test_the_settings_check_reads_every_file_as_the_loader_does(nb, tmp_path):
+    """backbone_in_file (the settings' check, in Setup) reads a file's backbone on its own, since the loader's
+    backbone_architecture is defined later: for every layout both readings give the same model, or both
+    refuse it for the same reason (a width with no head count passed the settings' check with num_heads None)."""
+    refused = []
+    for name, content in file_formats(nb).items():
+        path = tmp_path / f"{name.replace(' ', '_')}.pth"
+        torch.save(content, path)
+        try:
+            arch = nb.backbone_architecture(nb.backbone_entries(nb.read_state_dict(path)[1]), str(path))
+        except nb.CheckpointError as error:
+            problem = str(error).split("this notebook can build: ")[1]
+            with pytest.raises(nb.ConfigError, match=re.escape(problem.split("; keys seen")[0])):
+                nb.backbone_in_file("evaluate_file", path)
+            refused.append(name)
+            continue
+        found = nb.backbone_in_file("evaluate_file", path)
+        assert found == dict(embed_dim=arch["embed_dim"], depth=arch["depth"], num_heads=arch["num_heads"],
+                             patch_size=arch["patch_size"], grid=arch["img_size"] // arch["patch_size"],
+                             layerscale=arch["layerscale_init"] is not None), name
+    assert refused == ["odd width", "no cls_token", "swiglu"]

@@ -188,7 +188,7 @@ def main():
             loader = nb.run_loader(trainer, train.images)
         for images in itertools.islice(loader, trainer.iters_per_epoch):
             # every log_every_steps-th step and each epoch's last, as the notebook's loop logs them
-            log_now = nb.is_logged(trainer) if hasattr(nb, "is_logged") else trainer.step % cfg.log_every_steps == 0
+            log_now = nb.is_logged(trainer)
             stats = nb.train_step(trainer, images, log_now)
             rows += [stats] if log_now else []
             images_seen += len(images)
