@@ -182,8 +182,13 @@ def test_own_images_and_evaluate_file_are_checked_when_given(nb, tmp_path, monke
     import torch
     torch.save(nb.vit_tiny(patch_size=8, img_size=224).state_dict(), tmp_path / "tiny224.pth")
     with pytest.raises(nb.ConfigError, match="a 28x28 position grid in the file vs 8x8 for img_size=64"):
-        nb.make_config("demo", evaluate_file=str(tmp_path / "tiny224.pth"))   # loaded as is: the grid must fit
+        nb.make_config("demo", demo_checkpoint=str(tmp_path / "tiny224.pth"))   # loaded as is: the grid must fit
     assert nb.make_config("demo", init_from=str(tmp_path / "tiny224.pth")).init_from   # resized: fine
+    # evaluate_file: a release at 224 px, read into its own ViT and evaluated at 64 px (it was refused)
+    cfg = nb.make_config("demo", evaluate_file=str(tmp_path / "tiny224.pth"), checkpoint_dir=str(tmp_path / "ck"))
+    backbone, _ = nb.trained_teacher(cfg, torch.device("cpu"))
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    assert backbone.pos_embed.shape[1] == 1 + 28 * 28 and nb.extract_features(backbone, images).shape == (2, 192)
 
 
 def test_errors_of_settings_data_and_checkpoints_show_as_their_message_alone(nb):

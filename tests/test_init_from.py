@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 HEAD = dict(out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16)   # the demo profile is vit_tiny/8 at 64 px
+PATCH_14 = dict(patch_size=14, img_size=56, global_crop_size=56, local_crop_size=28)   # a DINOv2 file's patch
 
 
 def config(nb, path, **overrides):
@@ -64,18 +65,21 @@ def test_dinov2_file_brings_patch_14_registers_and_layerscale(nb, tmp_path, caps
                                    layerscale_init=1.0)
     state = random_file_weights(release, seed=3)
     torch.save({**state, "mask_token": torch.zeros(1, 192)}, tmp_path / "dinov2_vitt14_reg4_pretrain.pth")
-    student, teacher = nb.build_models(config(nb, tmp_path / "dinov2_vitt14_reg4_pretrain.pth"), torch.device("cpu"))
-    out = capsys.readouterr().out
-    assert "WARNING" in out and "patch 14" in out and "cfg.patch_size=8" in out
+    # in the demo's patch-8 config its 14-pixel patches cut the 64-pixel crops to 56, under patch_size 8
+    with pytest.raises(nb.ConfigError, match=r"patch_size 14 in the file vs 8 in the config: set patch_size=14, and "
+                       r"img_size, global_crop_size and local_crop_size to multiples of it \(e.g. 70, 70, 28\)"):
+        config(nb, tmp_path / "dinov2_vitt14_reg4_pretrain.pth")
+    student, teacher = nb.build_models(config(nb, tmp_path / "dinov2_vitt14_reg4_pretrain.pth", **PATCH_14),
+                                       torch.device("cpu"))
     backbone = student.backbone
     assert (backbone.patch_size, backbone.num_register_tokens) == (14, 4)
     assert torch.equal(backbone.blocks[3].ls2.gamma, state["blocks.3.ls2.gamma"])
     expected_pos = nn.functional.interpolate(state["pos_embed"][:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2),
-                                             size=(4, 4), mode="bicubic", antialias=True)   # 64 // 14 = 4
+                                             size=(4, 4), mode="bicubic", antialias=True)   # 56 // 14 = 4
     assert torch.allclose(backbone.pos_embed[:, 1:], expected_pos.permute(0, 2, 3, 1).reshape(1, 16, -1))
     assert torch.equal(teacher.backbone.register_tokens, state["register_tokens"])
     with torch.no_grad():
-        assert teacher.backbone.get_last_selfattention(torch.randn(1, 3, 64, 64)).shape[-1] == 1 + 4 + 16
+        assert teacher.backbone.get_last_selfattention(torch.randn(1, 3, 56, 56)).shape[-1] == 1 + 4 + 16
 
 
 def test_a_run_from_a_dinov2_file_is_evaluated_with_its_own_vit(nb, tmp_path):
@@ -85,7 +89,7 @@ def test_a_run_from_a_dinov2_file_is_evaluated_with_its_own_vit(nb, tmp_path):
     release = nb.VisionTransformer(518, 14, embed_dim=192, depth=12, num_heads=3, num_register_tokens=4,
                                    layerscale_init=1.0)
     torch.save(random_file_weights(release, seed=4), tmp_path / "dinov2_vitt14_reg4_pretrain.pth")
-    cfg = tiny_cfg(nb, tmp_path, init_from=str(tmp_path / "dinov2_vitt14_reg4_pretrain.pth"), epochs=1)
+    cfg = tiny_cfg(nb, tmp_path, init_from=str(tmp_path / "dinov2_vitt14_reg4_pretrain.pth"), epochs=1, **PATCH_14)
     cfg = nb.dataclasses.replace(cfg, profile="short")   # its teacher is the run's, not the demo checkpoint
     trainer, _ = nb.train_dino(cfg, Data(), Data(), torch.device("cpu"), progress=False)
     backbone, path = nb.trained_teacher(cfg, torch.device("cpu"))
@@ -96,7 +100,7 @@ def test_a_run_from_a_dinov2_file_is_evaluated_with_its_own_vit(nb, tmp_path):
     assert nb.knn_accuracy(backbone, Data(), Data(), cfg, torch.device("cpu")) == \
         nb.knn_accuracy(trainer.teacher.backbone, Data(), Data(), cfg, torch.device("cpu"))
     # its files may be named as evaluate_file: checked as the run's ViT is read, not against patch_size 16
-    chosen = tiny_cfg(nb, tmp_path, init_from=cfg.init_from, epochs=1, evaluate_file=str(path))
+    chosen = tiny_cfg(nb, tmp_path, init_from=cfg.init_from, epochs=1, evaluate_file=str(path), **PATCH_14)
     assert nb.trained_teacher(chosen, torch.device("cpu"))[0].patch_size == 14
 
 
@@ -199,10 +203,11 @@ def test_a_dinov2_training_teacher_with_chunked_blocks_loads_as_its_release(nb, 
     torch.save({"teacher": chunked}, tmp_path / "teacher_checkpoint.pth")
     assert nb.backbone_in_file(setting, tmp_path / "teacher_checkpoint.pth")["depth"] == 12
     cfg = nb.make_config("demo", **{setting: str(tmp_path / "teacher_checkpoint.pth")},
-                         checkpoint_dir=str(tmp_path / "ck"), **HEAD)   # the config's check passes
+                         checkpoint_dir=str(tmp_path / "ck"), **HEAD,
+                         **(PATCH_14 if setting == "init_from" else {}))   # the config's check passes
     if setting == "evaluate_file":
         backbone = nb.trained_teacher(cfg, torch.device("cpu"))[0]
-    else:   # the position table resized to the run's 64 px: a 4x4 grid of patch 14
+    else:   # the position table resized to the run's 56 px: a 4x4 grid of patch 14
         backbone = nb.build_models(cfg, torch.device("cpu"))[1].backbone
         flat["pos_embed"] = nb.resize_pos_embed(flat["pos_embed"], 4, 4, 0.0, True)
     loaded = backbone.state_dict()
@@ -257,3 +262,14 @@ def test_the_settings_check_reads_every_file_as_the_loader_does(nb, tmp_path):
                              patch_size=arch["patch_size"], grid=arch["img_size"] // arch["patch_size"],
                              layerscale=arch["layerscale_init"] is not None), name
     assert refused == ["odd width", "no cls_token", "swiglu"]
+
+
+def test_the_run_says_where_it_starts_from(nb, tmp_path, capsys):
+    """The Train cell said nothing of init_from: the one line about the file (its head) came from whichever
+    earlier cell first built the models."""
+    from test_train import Data, tiny_cfg
+    torch.save(random_file_weights(nb.vit_tiny(patch_size=16, img_size=224), seed=8), tmp_path / "release.pth")
+    cfg = tiny_cfg(nb, tmp_path, init_from=str(tmp_path / "release.pth"), epochs=1, max_train_images=8)
+    nb.train_dino(cfg, Data(), Data(), torch.device("cpu"), progress=False)
+    assert (f"student and teacher start from init_from={tmp_path / 'release.pth'}: its position table resized "
+            f"from 14x14 to 4x4") in capsys.readouterr().out

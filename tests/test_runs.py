@@ -142,3 +142,15 @@ def test_what_an_evaluation_exports_goes_to_its_own_run_folder_and_names_its_sou
         f"{tmp_path / 'photos'}", arch="vit_tiny/8", data=f"data_root {tmp_path / 'photos'}", run=str(run_dir))
     assert nb.model_label(cfg, run_dir / "teacher.pth") == f"vit_tiny/8 teacher of run {run_dir.name}"
     assert nb.start_label(cfg) == "random init"
+
+
+def test_what_runs_write_is_left_out_of_git_but_the_default_runs_figures_are_kept():
+    """figures/<run>/ of a user's own run was untracked, so `git add -A` committed its figures."""
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    ignored = lambda path: subprocess.run(["git", "check-ignore", "-q", path], cwd=root).returncode == 0
+    assert all(map(ignored, ["figures/my-run/attention_own_files.jpg", "checkpoints/my-run/last.pth",
+                             "data/cache/train-0123456789-64px.u8"]))
+    assert not any(map(ignored, ["figures/demo/new_figure.jpg", "checkpoints/demo_long/log.jsonl",
+                                 "checkpoints/demo_vit_tiny8.pth", "data/README.md"]))
