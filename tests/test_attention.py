@@ -230,3 +230,26 @@ def test_a_release_file_of_another_model_is_refused_not_titled_as_the_field(nb, 
                        r"768, patch 16 and 0 register\(s\); this field is for dinov2_vits14_reg4_pretrain\.pth, the "
                        r"DINOv2 ViT-S/14 \+ registers: width 384, patch 14, 4 register\(s\)"):
         nb.load_pretrained(cfg, "dinov2_reg_path")
+
+
+def test_a_wide_photograph_keeps_its_labels_and_titles_apart(nb):
+    """A 256x100 photograph gave rows 0.7 inches high: tight_layout gave up with a warning, the rotated model
+    labels ran into each other and the figure's title into the column titles."""
+    import warnings
+    import matplotlib
+    matplotlib.use("Agg")
+    model = small_vit(nb)
+    wide = np.random.default_rng(0).integers(0, 256, (100, 256, 3), dtype=np.uint8)
+    rows = [nb.attention_row(model, wide, 0.6)] * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # "Tight layout not applied" included
+        fig = nb.plot_attention_rows(rows, "a long title of a model and the files it was shown: the first 1 of 5",
+                                     panel_inches=1.8, labels=["DINO teacher", "start (dino_deitsmall8_pretrain.pth)"])
+    renderer = fig.canvas.get_renderer()
+    n_cols = 1 + len(rows[0][1])
+    labels = [fig.axes[0].texts[0], fig.axes[n_cols].texts[0]]
+    titles = [ax.title for ax in fig.axes[:n_cols]]
+    boxes = lambda texts: [text.get_window_extent(renderer) for text in texts]
+    assert not boxes(labels)[0].overlaps(boxes(labels)[1])
+    assert not any(fig._suptitle.get_window_extent(renderer).overlaps(box) for box in boxes(titles))
+    matplotlib.pyplot.close(fig)

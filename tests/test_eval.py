@@ -168,6 +168,16 @@ def test_settings_that_score_nothing_are_refused_not_scored(nb, call, says):
     assert nb.knn_classify(feats[:20], labels[:20], feats[20:], labels[20:], k=np.int64(5))[5][0] >= 0
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.int32, np.int16])
+def test_labels_of_any_integer_type_are_scored_as_int64_ones(nb, dtype):
+    """uint16 and uint32 labels (a label file of the smallest type) raised torch's 'min_all not implemented'."""
+    feats, labels = torch.randn(30, 8, generator=torch.Generator().manual_seed(0)), np.arange(30) % 3
+    expected = nb.knn_classify(feats[:20], labels[:20], feats[20:], labels[20:], k=5)
+    assert nb.knn_classify(feats[:20], labels[:20].astype(dtype), feats[20:], labels[20:].astype(dtype), k=5) == expected
+    probe = lambda lab: nb.linear_probe(feats[:20], lab[:20], feats[20:], lab[20:], epochs=2, batch_size=10)
+    assert probe(labels.astype(dtype)) == probe(labels)
+
+
 @pytest.mark.parametrize("score", ["knn", "probe"])
 @pytest.mark.parametrize("which", ["train", "val"])
 def test_features_of_a_diverged_network_are_refused_not_scored(nb, score, which):

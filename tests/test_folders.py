@@ -287,6 +287,26 @@ def test_a_lone_train_folder_is_a_split_of_its_classes_not_one_class(nb, tmp_pat
     assert nb.folder_split(tmp_path / "vehicles", "train", 0.5)[2] == ["car", "train"]
 
 
+def test_a_linked_train_folder_or_images_beside_it_keep_the_folder_as_it_is(nb, tmp_path):
+    """A train/ that is a link resolved outside the folder and raised a raw ValueError; images beside a lone
+    train/ were dropped without a word."""
+    for c in ("cat", "dog"):
+        for i in range(3):
+            write_png(tmp_path / "elsewhere" / c / f"{i}.png", asymmetric(8, 8, seed=i))
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "train").symlink_to(tmp_path / "elsewhere")
+    assert nb.lone_train_folder(tmp_path / "linked") is None
+    with pytest.warns(UserWarning, match="skipped 1 link"):
+        assert nb.folder_split(tmp_path / "linked", "train", 0.25)[0] == []
+    for c in ("cat", "dog"):
+        for i in range(3):
+            write_png(tmp_path / "beside" / "train" / c / f"{i}.png", asymmetric(8, 8, seed=i))
+    write_png(tmp_path / "beside" / "loose.png", asymmetric(8, 8))
+    assert nb.lone_train_folder(tmp_path / "beside") is None
+    with pytest.warns(UserWarning, match=r"ignored 1 image\(s\) beside the class folders \['train'\]"):
+        nb.folder_split(tmp_path / "beside", "train", 0.25)
+
+
 def test_one_class_folder_is_read_as_unlabelled_images(nb, tmp_path):
     """One class folder: k-NN and the probe scored 100% whatever the network."""
     for i in range(6):
@@ -537,6 +557,7 @@ def test_one_file_is_a_list_of_one_and_a_missing_one_is_named(nb, tmp_path, smal
     photo = write_png(tmp_path / "photo.png", asymmetric(40, 48))
     for given in (str(photo), photo):
         assert len(nb.attention_rows_for_files(small_vit, given, 0.6, max_side=50)) == 1
+    assert len(nb.attention_rows_for_files(small_vit, [photo], 0.6, max_side=np.int64(50))) == 1
     with pytest.raises(ValueError, match="max_side=0: must be a whole number of pixels >= 1"):
         nb.attention_rows_for_files(small_vit, [photo], 0.6, max_side=0)
     with pytest.raises(nb.DataError, match="no_such_folder: no such file or folder"):
