@@ -252,4 +252,5 @@ def test_a_wide_photograph_keeps_its_labels_and_titles_apart(nb):
     boxes = lambda texts: [text.get_window_extent(renderer) for text in texts]
     assert not boxes(labels)[0].overlaps(boxes(labels)[1])
     assert not any(fig._suptitle.get_window_extent(renderer).overlaps(box) for box in boxes(titles))
+    assert fig.get_size_inches()[1] >= 2 * 0.5 * 1.8   # two rows, each at least half a 1.8-inch panel high
     matplotlib.pyplot.close(fig)

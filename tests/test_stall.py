@@ -24,7 +24,9 @@ def test_the_alarm_reads_the_figures(nb, tmp_path):
     changed = nb.make_config("short", warmup_epochs=1, koleo_weight=0.0)   # told its own profile's part back
     assert "Settings to try: the `short` profile's koleo_weight=0.1;" in nb.stall_alarm(
         rows(0.97 * math.log(changed.out_dim), 0.05), changed, epoch=1)
-    assert "few prototypes" in nb.stall_alarm(rows(0.01, 0.001), cfg, epoch=1)
+    collapse = nb.stall_alarm(rows(0.01, 0.001), cfg, epoch=1)
+    assert "few prototypes" in collapse and "teacher_temp" not in collapse   # a sharper teacher works against it
+    assert "koleo_weight=0.1" in collapse
     assert "few prototypes" in nb.stall_alarm(rows(0.06 * log_k, 0.18), cfg, epoch=1)  # collapsed, the KL still 0.18
     assert nb.stall_alarm(rows(0.1 * log_k, 0.5 * log_k), cfg, epoch=1) is None   # sharp, but the images differ
     assert nb.stall_alarm(rows(0.6 * log_k, 1.2), cfg, epoch=1) is None     # healthy
