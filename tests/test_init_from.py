@@ -1,5 +1,6 @@
 """cfg.init_from: student and teacher start from a DINO, DINOv2 or own file, position table resized to the
 run's grid by the model's own rule, the file's head when it fits, clear errors when the file does not fit."""
+import json
 import math
 import re
 
@@ -279,3 +280,18 @@ def test_the_run_says_where_it_starts_from(nb, tmp_path, capsys):
     nb.train_dino(cfg, Data(), Data(), torch.device("cpu"), progress=False)
     assert (f"student and teacher start from init_from={tmp_path / 'release.pth'}: its position table "
             f"of 14x14 resized to 4x4") in capsys.readouterr().out
+
+
+def test_a_dinov2_file_is_labelled_with_its_own_patch(nb, tmp_path):
+    """Evaluated in a patch-8 config, a DINOv2 file (patch 14) was titled, and recorded in source.json, as
+    vit_tiny/8."""
+    release = nb.VisionTransformer(518, 14, embed_dim=192, depth=12, num_heads=3, num_register_tokens=4,
+                                   layerscale_init=1.0)
+    torch.save(random_file_weights(release, seed=9), tmp_path / "dinov2_vitt14_reg4_pretrain.pth")
+    cfg = nb.make_config("demo", evaluate_file=str(tmp_path / "dinov2_vitt14_reg4_pretrain.pth"),
+                         checkpoint_dir=str(tmp_path / "ck"))
+    teacher_file = nb.trained_teacher(cfg, torch.device("cpu"))[1]
+    assert nb.model_label(cfg, teacher_file).startswith("vit_tiny/14 ")
+    note = nb.write_source_note(tmp_path / "out", cfg, teacher_file, "some data")
+    assert json.loads(note.read_text())["arch"] == "vit_tiny/14"
+    assert nb.arch_label(cfg, tmp_path / "not_written_yet.pth") == "vit_tiny/8"
