@@ -24,6 +24,19 @@ def random_file_weights(model, seed):
     return model.state_dict()
 
 
+def dinov2_release(nb, seed):
+    """The weights of a DINOv2 release's layout at ViT-T width: patch 14, a 37x37 grid (518 px), 4 registers,
+    LayerScale."""
+    return random_file_weights(nb.VisionTransformer(518, 14, embed_dim=192, depth=12, num_heads=3,
+                                                    num_register_tokens=4, layerscale_init=1.0), seed)
+
+
+def chunked_blocks(state, blocks_per_chunk):
+    """`state` as DINOv2's training writes it with block_chunks > 0: backbone.blocks.<chunk>.<block>."""
+    chunk = lambda key: key.replace("blocks.", f"blocks.{int(key.split('.')[1]) // blocks_per_chunk}.", 1)
+    return {"backbone." + (chunk(key) if key.startswith("blocks.") else key): value for key, value in state.items()}
+
+
 def dino_interpolation(pos_embed, grid):
     n = math.isqrt(pos_embed.shape[1] - 1)
     resized = nn.functional.interpolate(pos_embed[:, 1:].reshape(1, n, n, -1).permute(0, 3, 1, 2),
@@ -62,9 +75,7 @@ def test_own_checkpoint_brings_its_head(nb, tmp_path, capsys):
 
 
 def test_dinov2_file_brings_patch_14_registers_and_layerscale(nb, tmp_path, capsys):
-    release = nb.VisionTransformer(518, 14, embed_dim=192, depth=12, num_heads=3, num_register_tokens=4,
-                                   layerscale_init=1.0)
-    state = random_file_weights(release, seed=3)
+    state = dinov2_release(nb, seed=3)
     torch.save({**state, "mask_token": torch.zeros(1, 192)}, tmp_path / "dinov2_vitt14_reg4_pretrain.pth")
     student, teacher = nb.build_models(config(nb, tmp_path / "dinov2_vitt14_reg4_pretrain.pth"), torch.device("cpu"))
     out = capsys.readouterr().out   # the demo's 64-pixel data: no multiple of 14, so its patch wins, and says so
@@ -90,9 +101,7 @@ def test_a_run_from_a_dinov2_file_is_evaluated_with_its_own_vit(nb, tmp_path):
     """The run's ViT came from the file (patch 14, registers, LayerScale), so its teacher.pth is read back
     into that ViT for the Evaluation and Attention sections, not into the config's patch-16 one."""
     from test_train import Data, tiny_cfg
-    release = nb.VisionTransformer(518, 14, embed_dim=192, depth=12, num_heads=3, num_register_tokens=4,
-                                   layerscale_init=1.0)
-    torch.save(random_file_weights(release, seed=4), tmp_path / "dinov2_vitt14_reg4_pretrain.pth")
+    torch.save(dinov2_release(nb, seed=4), tmp_path / "dinov2_vitt14_reg4_pretrain.pth")
     cfg = tiny_cfg(nb, tmp_path, init_from=str(tmp_path / "dinov2_vitt14_reg4_pretrain.pth"), epochs=1, **PATCH_14)
     cfg = nb.dataclasses.replace(cfg, profile="short")   # its teacher is the run's, not the demo checkpoint
     trainer, _ = nb.train_dino(cfg, Data(), Data(), torch.device("cpu"), progress=False)
@@ -178,9 +187,7 @@ def test_a_dinov2_file_named_as_the_teacher_is_read_into_its_own_vit(nb, tmp_pat
     """evaluate_file = a DINOv2 release (patch 14, registers, LayerScale) with no init_from: it passed the
     config's check, then failed to load strictly into the config's patch-8 ViT. It is read as init_from reads
     it, into the ViT it describes."""
-    release = nb.VisionTransformer(518, 14, embed_dim=192, depth=12, num_heads=3, num_register_tokens=4,
-                                   layerscale_init=1.0)
-    torch.save(random_file_weights(release, seed=5), tmp_path / "dinov2_vitt14_reg4_pretrain.pth")
+    torch.save(dinov2_release(nb, seed=5), tmp_path / "dinov2_vitt14_reg4_pretrain.pth")
     cfg = nb.make_config("demo", evaluate_file=str(tmp_path / "dinov2_vitt14_reg4_pretrain.pth"),
                          checkpoint_dir=str(tmp_path / "ck"))
     backbone, path = nb.trained_teacher(cfg, torch.device("cpu"))
@@ -197,12 +204,9 @@ def test_a_dinov2_training_teacher_with_chunked_blocks_loads_as_its_release(nb, 
     eval/<iteration>/teacher_checkpoint.pth: {"teacher": state dict}, the blocks spelt
     backbone.blocks.<chunk>.<block>., beside dino_head. and ibot_head. entries. It was read as a ViT of
     depth 4 (one block per chunk) and refused. Now it loads as the same ViT as the release layout."""
-    release = nb.VisionTransformer(518, 14, embed_dim=192, depth=12, num_heads=3, num_register_tokens=4,
-                                   layerscale_init=1.0)
-    flat = random_file_weights(release, seed=7)
+    flat = dinov2_release(nb, seed=7)
     torch.save(flat, tmp_path / "release.pth")
-    chunked = {"backbone." + (key.replace("blocks.", f"blocks.{int(key.split('.')[1]) // 3}.", 1)
-                              if key.startswith("blocks.") else key): value for key, value in flat.items()}
+    chunked = chunked_blocks(flat, 3)
     assert "backbone.blocks.3.11.ls2.gamma" in chunked
     chunked.update({"dino_head.last_layer.weight": torch.randn(64, 16), "ibot_head.last_layer.weight": torch.randn(64, 16)})
     torch.save({"teacher": chunked}, tmp_path / "teacher_checkpoint.pth")
@@ -228,10 +232,8 @@ def file_formats(nb):
     release = random_file_weights(nb.vit_tiny(patch_size=8, img_size=224), seed=1)
     wrapped = {f"module.backbone.{key}": value for key, value in release.items()}
     ours, _ = nb.build_models(nb.make_config("demo", **HEAD), torch.device("cpu"))
-    dinov2 = random_file_weights(nb.VisionTransformer(518, 14, embed_dim=192, depth=12, num_heads=3,
-                                                      num_register_tokens=4, layerscale_init=1.0), seed=2)
-    chunked = {"backbone." + (key.replace("blocks.", f"blocks.{int(key.split('.')[1]) // 4}.", 1)
-                              if key.startswith("blocks.") else key): value for key, value in dinov2.items()}
+    dinov2 = dinov2_release(nb, seed=2)
+    chunked = chunked_blocks(dinov2, 4)
     odd_width = random_file_weights(nb.VisionTransformer(32, 8, embed_dim=40, depth=2, num_heads=2), seed=3)
     return {"dino release": release,
             "dino training": {"teacher": wrapped, "student": wrapped, "epoch": 3},
@@ -285,9 +287,7 @@ def test_the_run_says_where_it_starts_from(nb, tmp_path, capsys):
 def test_a_dinov2_file_is_labelled_with_its_own_patch(nb, tmp_path):
     """Evaluated in a patch-8 config, a DINOv2 file (patch 14) was titled, and recorded in source.json, as
     vit_tiny/8."""
-    release = nb.VisionTransformer(518, 14, embed_dim=192, depth=12, num_heads=3, num_register_tokens=4,
-                                   layerscale_init=1.0)
-    torch.save(random_file_weights(release, seed=9), tmp_path / "dinov2_vitt14_reg4_pretrain.pth")
+    torch.save(dinov2_release(nb, seed=9), tmp_path / "dinov2_vitt14_reg4_pretrain.pth")
     cfg = nb.make_config("demo", evaluate_file=str(tmp_path / "dinov2_vitt14_reg4_pretrain.pth"),
                          checkpoint_dir=str(tmp_path / "ck"))
     teacher_file = nb.trained_teacher(cfg, torch.device("cpu"))[1]
