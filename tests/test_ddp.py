@@ -262,3 +262,30 @@ def test_only_rank_0_says_how_a_folder_was_split(nb, tmp_path, capsys, recwarn):
     load_data(nb, cfg, rank=0, world_size=1)
     assert capsys.readouterr().out.count(said) == 1
     assert [str(w.message) for w in recwarn if "ignored 1 hidden" in str(w.message)] != []
+
+
+WAIT_SCRIPT = """
+import datetime, os, sys, time
+import torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from torchrun_train import load_data
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=2))   # standing in for 10 or 30 minutes
+
+class SlowConversion:   # rank 0 converts for longer than the process group's timeout
+    def load_datasets(self, cfg, verbose=True):
+        if verbose:
+            time.sleep(8)
+        return "train", "val"
+
+said = load_data(SlowConversion(), None, dist.get_rank(), 2)
+open(os.path.join({tmp!r}, f"rank{{dist.get_rank()}}.txt"), "w").write(repr(said))
+dist.barrier()   # the default group still works after the wait
+dist.destroy_process_group()
+"""
+
+
+def test_the_other_ranks_wait_for_a_conversion_longer_than_the_process_groups_timeout(tmp_path):
+    """Rank 0 converts a folder while the others wait: under the default group's timeout (10 min for NCCL) a
+    large folder's conversion stopped them partway, and every relaunch converted from the start again."""
+    run_two_ranks(WAIT_SCRIPT, tmp_path)
+    assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["('train', 'val')"] * 2

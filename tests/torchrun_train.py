@@ -23,12 +23,18 @@ from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E40
 
 def load_data(nb, cfg, rank, world_size):
     """(train, val): rank 0 builds the caches and says what it read, warnings included; the others wait for
-    it, then open the caches and say nothing (rank 0 has said it)."""
+    it, then open the caches and say nothing (rank 0 has said it). They wait as long as the conversion takes
+    (hours for a large folder): on a group of their own, not under the default group's timeout (10 min for
+    NCCL, 30 for gloo), which would stop them partway, and every relaunch would convert from the start."""
+    if world_size > 1:
+        import datetime
+        import torch.distributed as dist
+        conversion_wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
     if rank == 0:
         train_val = nb.load_datasets(cfg)
     if world_size > 1:
-        import torch.distributed as dist
-        dist.barrier()
+        dist.barrier(group=conversion_wait)
+        dist.destroy_process_group(conversion_wait)
     if rank == 0:
         return train_val
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
