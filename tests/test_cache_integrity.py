@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,21 +183,82 @@ def test_reading_a_cache_never_needs_to_write(nb, built, monkeypatch):
     assert copied.images.all_checked and saved_seal(ds.prefix) != nb.file_seal(open(f"{ds.prefix}.u8"))
 
 
-def test_a_killed_conversions_temp_files_are_removed_by_the_next_one(nb, tmp_path):
-    """SIGKILL or SIGTERM skip the `finally` that deletes a conversion's temp file: the next conversion of
-    that cache removes those untouched for an hour; a fresh one may be another process's under way: kept."""
+def killed_writer(target, signal_number):
+    """A process that writes `target` with atomic_write, killed by `signal_number` halfway: its temp file."""
+    import signal
+    import subprocess
+    import sys
+    script = f"""import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+from nbloader import load_notebook
+nb = load_notebook()
+def write_then_wait(f):
+    f.write(bytes(1000)); f.flush(); print("writing", flush=True); sys.stdin.read()
+nb.atomic_write({str(target)!r}, write_then_wait)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "writing\n"
+        proc.send_signal(signal_number)
+        assert proc.wait(timeout=60) == -signal_number
+    finally:
+        proc.kill()
+        proc.wait()
+    left = list(Path(target).parent.glob(f".{Path(target).name}.*.tmp"))
+    assert len(left) == 1 and left[0].stat().st_size == 1000
+    return left[0]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_a_killed_conversions_temp_file_is_removed_by_the_next_one_at_once(nb, tmp_path, signal_name):
+    """A SIGTERM (torchrun stopping a rank, a cluster's preemption) or a SIGKILL skips the `finally` that deletes
+    a conversion's temp file. An hour's age told it from a conversion under way, so a relaunch at once kept it,
+    built the cache, and nothing removed it afterwards (GBs); the dead writer's lock tells it at once."""
+    import signal
     images = np.random.default_rng(0).integers(0, 256, (N, 3, 64, 64), dtype=np.uint8)
     write_val(tmp_path / "r", images, list(range(1, N + 1)))
     prefix = nb.ImageNet64(tmp_path / "r", "val", cache_dir=tmp_path / "c").prefix
-    old, fresh = (tmp_path / "c" / f".{prefix.name}.u8.{digits * 16}.tmp" for digits in ("a", "b"))
+    killed = killed_writer(f"{prefix}.u8", getattr(signal, signal_name))
     other = tmp_path / "c" / f".{prefix.name}x.u8.{'c' * 16}.tmp"   # another cache's name that starts alike
-    for path in (old, fresh, other):
-        path.write_bytes(b"\0" * 1000)
-    hours_ago = time.time() - 2 * 3600
-    for path in (old, other):
-        os.utime(path, (hours_ago, hours_ago))
-    write_val(tmp_path / "r", images[::-1].copy(), list(range(1, N + 1)))   # a changed source: rebuilt
+    other.write_bytes(bytes(500))
+    write_val(tmp_path / "r", images[::-1].copy(), list(range(1, N + 1)))   # a changed source: the relaunch rebuilds
     rebuilt = nb.ImageNet64(tmp_path / "r", "val", cache_dir=tmp_path / "c")
     np.testing.assert_array_equal(rebuilt.images[:], images[::-1])
-    assert not old.exists() and fresh.exists() and other.exists()
-    assert nb.remove_stale_temps(tmp_path / "c") == 2000 and not fresh.exists() and not other.exists()
+    assert not killed.exists() and other.exists()
+    assert nb.remove_stale_temps(tmp_path / "c") == 500 and not other.exists()
+
+
+def test_a_write_under_way_is_never_removed_however_young_or_old(nb, tmp_path):
+    """Another process's conversion under way holds its temp file's lock: kept, even untouched for hours (a
+    slow source), and its rename succeeds after the clean-up ran (an age of 0 took it before)."""
+    target, removed = tmp_path / "c" / "x.u8", []
+
+    def clean_up_midway(f):
+        f.write(bytes(1000))
+        f.flush()
+        hours_ago = time.time() - 2 * 3600
+        for tmp in target.parent.glob(".x.u8.*.tmp"):
+            os.utime(tmp, (hours_ago, hours_ago))
+        removed.append(nb.remove_stale_temps(target.parent, older_than=0))
+        f.write(bytes(24))
+
+    nb.atomic_write(target, clean_up_midway)
+    assert removed == [0] and target.stat().st_size == 1024 and list(target.parent.glob(".*.tmp")) == []
+
+
+def test_a_temp_file_taken_by_a_clean_up_before_its_lock_is_given_up_for_another(nb, tmp_path, monkeypatch):
+    """Between a temp file's creation and its lock a clean-up may lock and remove it: the writer then takes
+    another name instead of writing into a removed file, whose rename would fail."""
+    real_try_lock, taken = nb.try_lock, []
+
+    def clean_up_first(fd):
+        if not taken:   # the first temp file: a clean-up gets there before its writer
+            taken.append(next((tmp_path / "c").glob(".x.u8.*.tmp")))
+            taken.append(nb.remove_stale_temps(tmp_path / "c", older_than=0))   # (its own try_lock: the real one)
+            assert not taken[0].exists()
+        return real_try_lock(fd)
+
+    (tmp_path / "c").mkdir()
+    monkeypatch.setattr(nb, "try_lock", clean_up_first)
+    nb.atomic_write(tmp_path / "c" / "x.u8", lambda f: f.write(b"complete"))
+    assert taken[1] == 0 and (tmp_path / "c" / "x.u8").read_bytes() == b"complete"
+    assert list((tmp_path / "c").glob(".*.tmp")) == []

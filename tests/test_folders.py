@@ -437,22 +437,24 @@ def test_load_datasets_picks_the_folder_at_cfg_img_size(nb, tmp_path, capsys):
     for c in ("p", "q"):
         for i in range(10):
             write_png(tmp_path / "f" / c / f"{i}.png", asymmetric(30, 50, seed=i))
-    cfg = nb.make_config("demo", data_root=str(tmp_path / "f"), img_size=32, val_fraction=0.3,
-                         cache_dir=str(tmp_path / "c"))
+    cfg = nb.make_config("demo", data_root=str(tmp_path / "f"), img_size=32, global_crop_size=32,
+                         local_crop_size=16, val_fraction=0.3, cache_dir=str(tmp_path / "c"))
     train, val = nb.load_datasets(cfg, verbose=False)
     assert isinstance(train, nb.ImageFolder) and train.images.shape[1:] == (3, 32, 32)
     assert f"train {len(train)} / val {len(val)} images" in capsys.readouterr().out
     (tmp_path / "i64").mkdir()
     (tmp_path / "i64" / "val_data").write_bytes(b"")
     with pytest.raises(nb.DataError, match="img_size=32"):
-        nb.load_datasets(nb.make_config("demo", data_root=str(tmp_path / "i64"), img_size=32))
+        nb.load_datasets(nb.make_config("demo", data_root=str(tmp_path / "i64"), img_size=32, global_crop_size=32,
+                                        local_crop_size=16))
 
 
 def test_load_datasets_prints_the_count_of_every_class(nb, tmp_path, capsys):
     for name, n in (("cat", 22), ("dog", 31), ("owl", 4)):
         for i in range(n):
             write_png(tmp_path / "f" / name / f"{i}.png", asymmetric(8, 8, seed=i))
-    cfg = nb.make_config("demo", data_root=str(tmp_path / "f"), img_size=16, cache_dir=str(tmp_path / "c"))
+    cfg = nb.make_config("demo", data_root=str(tmp_path / "f"), img_size=16, global_crop_size=16,
+                         local_crop_size=8, cache_dir=str(tmp_path / "c"))
     train, val = nb.load_datasets(cfg, verbose=False)
     out = capsys.readouterr().out
     assert f"train 51 / val 6 images (val_fraction=0.1 of each class" in out and "at least 1" in out
@@ -640,3 +642,19 @@ def test_a_file_name_that_is_not_utf8_is_read_and_split_by_its_bytes(nb, tmp_pat
                                                         "big") / 2**64   # UTF-8 names keep their split
     decomposed = unicodedata.normalize("NFD", "p/é.png")      # "e" and a combining accent, as macOS may store it
     assert decomposed.encode() != "p/é.png".encode() and nb.path_hash(decomposed) == nb.path_hash("p/é.png")
+
+
+def test_a_flat_folder_shows_as_many_images_as_a_labelled_one(nb):
+    """The first look, the crops figure and the attention maps took the first image of each label: a flat
+    folder (one label, 0) showed one image where 64, 3 and 4 were meant."""
+    import types
+    flat = types.SimpleNamespace(labels=np.zeros(100, np.int64), has_labels=False)
+    labelled = types.SimpleNamespace(labels=np.repeat(np.arange(10), 5)[np.random.default_rng(0).permutation(50)])
+    for n_classes, per_class, spread in [(16, 4, False), (3, 1, True), (4, 1, False)]:
+        shown = nb.class_examples(flat, n_classes, per_class, spread)
+        assert len(np.unique(shown)) == len(shown) == n_classes * per_class and shown.max() == 99
+        picked = nb.class_examples(labelled, n_classes, per_class, spread)
+        classes = np.unique(labelled.labels)[::max(1, 10 // n_classes) if spread else 1][:n_classes]
+        assert picked.tolist() == [i for c in classes for i in np.flatnonzero(labelled.labels == c)[:per_class]]
+    few = types.SimpleNamespace(labels=np.zeros(10, np.int64), has_labels=False)
+    assert nb.class_examples(few, 16, per_class=4).tolist() == list(range(10))   # fewer images than meant: all

@@ -183,6 +183,19 @@ def test_the_fresh_head_is_said_once_however_many_models_are_built(nb, tmp_path,
     assert capsys.readouterr().out.count("head starts fresh") == 1
 
 
+def test_under_torchrun_rank_0_alone_says_what_the_file_lacks(nb, tmp_path, capsys):
+    """Every rank builds its models from the file: the fresh head and the DINOv2 patch were said by each of
+    them (eight times on eight GPUs)."""
+    torch.save(dinov2_release(nb, seed=8), tmp_path / "dinov2_vitt14_reg4_pretrain.pth")
+    cfg = config(nb, tmp_path / "dinov2_vitt14_reg4_pretrain.pth")
+    nb.DINOTrainer(cfg, 16, torch.device("cpu"), rank=1, world_size=1)   # (world_size 1: no process group)
+    assert capsys.readouterr().out == ""
+    nb.FRESH_HEAD_SAID.clear()   # each rank is a process of its own, with its own record of what it said
+    nb.DINOTrainer(cfg, 16, torch.device("cpu"), rank=0, world_size=1)
+    out = capsys.readouterr().out
+    assert out.count("head starts fresh") == 1 and out.count("a DINOv2 file with patch 14") == 1
+
+
 def test_a_dinov2_file_named_as_the_teacher_is_read_into_its_own_vit(nb, tmp_path):
     """evaluate_file = a DINOv2 release (patch 14, registers, LayerScale) with no init_from: it passed the
     config's check, then failed to load strictly into the config's patch-8 ViT. It is read as init_from reads

@@ -67,6 +67,32 @@ def test_code_cells_are_short():
     assert statistics.median(lengths.values()) <= 25
 
 
+def missing_names(cell_source):
+    """The names a cell sets to `Missing(...)`: what it makes, undone before it makes it again."""
+    return {name.id for node in ast.walk(ast.parse(cell_source)) if isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Call) and getattr(node.value.func, "id", None) == "Missing"
+            for target in node.targets for name in ast.walk(target) if isinstance(name, ast.Name)}
+
+
+def test_the_settings_cell_undoes_everything_made_under_other_settings():
+    """Changed settings and the Setup cells run again, then a later cell read what a section had made under the
+    old ones: the evaluation table printed the old teacher's k-NN under the new teacher's name."""
+    made = {cell_id: missing_names(source(c)) for c in code_cells() if (cell_id := c.get("id")) != "cell-012"}
+    assert len([names for names in made.values() if names]) >= 5   # the sections' first cells, the Train cell
+    left = {cell_id: sorted(names - missing_names(source(cell("cell-012")))) for cell_id, names in made.items()}
+    assert {cell_id: names for cell_id, names in left.items() if names} == {}
+
+
+def test_a_figure_of_the_evaluated_teacher_is_saved_as_that_teachers():
+    """A figure titled with the evaluated file's model (`model_label(cfg, teacher_file)`) is saved with that
+    file, so that another file's figures go to models/<file>/ and never replace the run's own."""
+    drawn = [c["id"] for c in code_cells() if "model_label(cfg, teacher_file)" in source(c) and "save_figure(" in source(c)]
+    assert len(drawn) >= 5   # retrieval, patch colours, three attention figures
+    calls = [(cell_id, ast.unparse(call)) for cell_id in drawn for call in ast.walk(ast.parse(source(cell(cell_id))))
+             if isinstance(call, ast.Call) and ast.unparse(call.func) == "save_figure"]
+    assert [(cell_id, call) for cell_id, call in calls if "teacher_file=teacher_file" not in call] == []
+
+
 def anchor(heading):
     """Jupyter's anchor of a markdown heading: its rendered text (no code or emphasis marks), spaces as
     hyphens."""

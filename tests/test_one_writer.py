@@ -25,10 +25,13 @@ sys.path.insert(0, sys.argv[1])
 from tiny_run import SETTINGS, nb, train
 folder = sys.argv[2]
 
+def say(line):   # one write of a whole line: the server's and its trainers' lines never interleave in the pipe
+    os.write(1, (line.replace("\n", " ") + "\n").encode())
+
 def trainer(name, run):
     real_step = nb.train_step
     def step(t, images, diagnostics=False):
-        print(f"{name} step {t.step}", flush=True)
+        say(f"{name} step {t.step}")
         while t.step == 1 and not os.path.exists(os.path.join(folder, name + ".go")):
             time.sleep(0.01)
         return real_step(t, images, diagnostics)
@@ -37,7 +40,7 @@ def trainer(name, run):
     try:
         train(cfg)
     except nb.RunInUse as error:
-        print(f"{name} refused {error}".replace("\n", " "), flush=True)
+        say(f"{name} refused {error}")
         os._exit(3)
     os._exit(0)
 
@@ -52,10 +55,10 @@ for line in sys.stdin:
             finally:
                 os._exit(1)
         children[name] = pid
-        print(f"{name} pid {pid}", flush=True)
+        say(f"{name} pid {pid}")
     else:
         status = os.waitpid(children[name], 0)[1]
-        print(f"{name} exit {os.waitstatus_to_exitcode(status)}", flush=True)
+        say(f"{name} exit {os.waitstatus_to_exitcode(status)}")
 """
 
 
@@ -65,7 +68,7 @@ class Server:
         self.process = subprocess.Popen([sys.executable, "-c", SERVER, str(TESTS), str(folder)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
                                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        self.lines, self.said = queue.Queue(), []
+        self.lines, self.said, self.unread = queue.Queue(), [], []
         threading.Thread(target=lambda: [self.lines.put(line) for line in self.process.stdout], daemon=True).start()
 
     def send(self, line):
@@ -73,17 +76,20 @@ class Server:
         self.process.stdin.flush()
 
     def until(self, prefix, timeout=120):
-        """Read lines until one starts with `prefix`; return its remainder."""
+        """The remainder of the first line not yet taken that starts with `prefix`, waited for. A trainer and the
+        server write to one pipe, so their lines come in either order ("b refused" before "b pid")."""
         deadline = time.monotonic() + timeout
         while True:
+            for i, line in enumerate(self.unread):
+                if line.startswith(prefix):
+                    return self.unread.pop(i)[len(prefix):].strip()
             try:
                 line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 self.errors.seek(0)
                 raise AssertionError(f"no {prefix!r}; the server said {self.said[-5:]}, {self.errors.read()[-2000:]}")
             self.said.append(line.strip())
-            if line.startswith(prefix):
-                return line[len(prefix):].strip()
+            self.unread.append(line)
 
     def start(self, name, run):
         self.send(f"start {name} {run}")
@@ -209,11 +215,12 @@ def test_a_killed_holder_is_taken_over_at_once_though_its_reader_processes_live_
 
 
 def test_without_posix_file_locks_the_lock_cell_says_to_use_wsl(nb, monkeypatch):
-    """Windows has no fcntl: the cell that defines the run lock stops with what to do, not an import error."""
+    """Windows has no fcntl: the cell that imports it (for the run lock and the temp files' locks) stops with
+    what to do, not an import error."""
     from nbloader import ROOT, export_sources
     notebook = os.environ.get("DINO_NOTEBOOK") or ROOT / "dino_vit.ipynb"   # the notebook under test
-    lock_cell = next(src for src in export_sources(notebook) if "def run_lock(" in src)
+    lock_cells = [src for src in export_sources(notebook) if "import fcntl" in src]
+    assert len(lock_cells) == 1
     monkeypatch.setitem(sys.modules, "fcntl", None)          # `import fcntl` now fails, as on Windows
-    with pytest.raises(RuntimeError, match=r"POSIX file locks \(fcntl\), which Windows lacks: run this notebook "
-                                           r"in WSL"):
-        exec(lock_cell, dict(vars(nb)))
+    with pytest.raises(RuntimeError, match=r"POSIX file locks \(fcntl\), which Windows lacks: run it in WSL"):
+        exec(lock_cells[0], dict(vars(nb)))

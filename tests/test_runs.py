@@ -129,6 +129,25 @@ def test_a_demo_run_of_another_vit_shows_its_own_teacher_not_the_demo_checkpoint
     assert nb.demo_checkpoint_fits(tiny(nb, tmp_path, demo_checkpoint=str(demo_file)))
 
 
+def test_another_models_figures_never_replace_the_runs_own(nb, tmp_path):
+    """`evaluate_file` naming another run's teacher wrote its retrieval and attention figures over the run's
+    own in figures/<run>/ (its features went apart, to models/<file>/): they now go there too."""
+    import matplotlib.pyplot as plt
+    cfg = tiny(nb, tmp_path)
+    run_figures = tmp_path / "fig" / nb.run_directory(cfg).name
+    other_run = tmp_path / "ckpt" / "elsewhere" / "teacher.pth"
+    saved = {}
+    for label, teacher_file in [("own", nb.run_directory(cfg) / "teacher.pth"), ("other", other_run), ("none", None)]:
+        fig = plt.figure(figsize=(1, 1))
+        fig.suptitle(label)
+        saved[label] = nb.save_figure(fig, cfg, "retrieval", teacher_file=teacher_file)
+        plt.close(fig)
+    assert saved["own"] == saved["none"] == run_figures / "retrieval.jpg"
+    assert saved["other"] == run_figures / "models" / "elsewhere-teacher" / "retrieval.jpg"
+    assert saved["other"].parent.relative_to(tmp_path / "fig") == \
+        nb.export_home(cfg, other_run).relative_to(tmp_path / "ckpt")   # the features' rule
+
+
 def test_what_an_evaluation_exports_goes_to_its_own_run_folder_and_names_its_source(nb, tmp_path):
     cfg = tiny(nb, tmp_path, data_root=str(image_folder(tmp_path / "photos")))
     run_dir = nb.run_directory(cfg)

@@ -733,6 +733,15 @@ def test_the_progress_bar_is_drawn_every_mininterval_not_every_logged_step(nb, t
     assert len(drawn) <= 3, drawn
 
 
+def test_a_stopped_epochs_bar_counts_the_step_it_stopped_after(nb, tmp_path, capsys):
+    """tqdm counts a step when the next begins: a run stopped after step 3 (max_steps, or a Ctrl-C whose
+    message says 'interrupted at step 3') was left showing 2/8 above it."""
+    cfg = tiny_cfg(nb, tmp_path, epochs=1, warmup_epochs=0, max_train_images=0)   # 8 steps an epoch
+    trainer, _ = nb.train_dino(cfg, Data(n=32), Data(n=16), torch.device("cpu"), max_steps=3, progress=True)
+    drawn = [line for line in capsys.readouterr().out.replace("\r", "\n").splitlines() if line.startswith("epoch 1/1")]
+    assert trainer.step == 3 and " 3/8 " in drawn[-1], drawn
+
+
 def test_every_epoch_is_summed_up_though_it_has_fewer_steps_than_log_every_steps(nb, tmp_path, capsys):
     """An epoch's last step is always logged, so its summary and the stall alarm have figures (with 4 steps an
     epoch and log_every_steps 10, two of three epochs printed 'loss nan')."""
