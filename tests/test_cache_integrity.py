@@ -1,5 +1,6 @@
 """A cache is not served after it changed: a flipped byte is caught before a batch is served, a link in place
 of a cache file is never followed, and a source rewritten with its size and mtime kept is converted again."""
+import contextlib
 import json
 import os
 import pickle
@@ -218,13 +219,73 @@ def test_a_killed_conversions_temp_file_is_removed_by_the_next_one_at_once(nb, t
     write_val(tmp_path / "r", images, list(range(1, N + 1)))
     prefix = nb.ImageNet64(tmp_path / "r", "val", cache_dir=tmp_path / "c").prefix
     killed = killed_writer(f"{prefix}.u8", getattr(signal, signal_name))
-    other = tmp_path / "c" / f".{prefix.name}x.u8.{'c' * 16}.tmp"   # another cache's name that starts alike
+    other = tmp_path / "c" / f".{prefix.name}x.u8.{nb.host_tag()}{'c' * 12}.tmp"   # another cache's, also dead
     other.write_bytes(bytes(500))
     write_val(tmp_path / "r", images[::-1].copy(), list(range(1, N + 1)))   # a changed source: the relaunch rebuilds
     rebuilt = nb.ImageNet64(tmp_path / "r", "val", cache_dir=tmp_path / "c")
     np.testing.assert_array_equal(rebuilt.images[:], images[::-1])
     assert not killed.exists() and other.exists()
     assert nb.remove_stale_temps(tmp_path / "c") == 500 and not other.exists()
+
+
+def test_another_hosts_temp_file_is_trusted_to_its_age_and_what_is_no_file_is_left(nb, tmp_path):
+    """Some shared file systems keep each machine's locks to itself: another host's temp file without a lock
+    seen here may be a conversion under way there, so it is removed only once untouched for an hour (and
+    never while a lock on it is seen). A FIFO named like a temp file hung the clean-up at its open; a folder
+    so named raised out of it."""
+    import fcntl
+    other_host = "0000" if nb.host_tag() != "0000" else "ffff"
+    fresh, old, held = (tmp_path / f".x.u8.{other_host}{digit * 12}.tmp" for digit in "abc")
+    for path in (fresh, old, held):
+        path.write_bytes(bytes(100))
+    hours_ago = time.time() - 2 * 3600
+    for path in (old, held):
+        os.utime(path, (hours_ago, hours_ago))
+    os.mkfifo(tmp_path / f".y.u8.{nb.host_tag()}{'d' * 12}.tmp")
+    (tmp_path / f".z.u8.{nb.host_tag()}{'e' * 12}.tmp").mkdir()
+    with open(held, "r+b") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)   # a writer on a file system whose locks are seen everywhere
+        assert nb.remove_stale_temps(tmp_path) == 100
+    assert fresh.exists() and not old.exists() and held.exists()
+    assert sorted(p.name[:2] for p in tmp_path.glob(".*.tmp")) == [".x", ".x", ".y", ".z"]
+
+
+def test_a_killed_conversions_decoders_neither_keep_its_lock_nor_outlive_it(nb, tmp_path):
+    """The image decoders are forked while the cache's temp file is open and locked: they held its lock, so
+    after a SIGKILL of the conversion (the OOM killer) the file was never taken, and they waited for work
+    forever. They close their copy, and die with their parent."""
+    import signal
+    import subprocess
+    import sys
+    import psutil
+    from PIL import Image
+    for i in range(200):
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / f"{i}.png")
+    script = f"""import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+from nbloader import load_notebook
+nb = load_notebook()
+paths = sorted(nb.Path({str(tmp_path)!r}).glob("*.png"))
+def convert_then_wait(f):
+    for start, images, ok in nb.decode_images(paths, 8, workers=2, chunk=8):
+        f.write(images.tobytes()); f.flush(); print("writing", flush=True); sys.stdin.read()
+nb.atomic_write(nb.Path({str(tmp_path / "c" / "x.u8")!r}), convert_then_wait)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    decoders = []
+    try:
+        assert proc.stdout.readline() == "writing\n"
+        decoders += psutil.Process(proc.pid).children()
+        assert len(decoders) == 2
+        proc.kill()
+        proc.wait()
+        gone, alive = psutil.wait_procs(decoders, timeout=60)
+        assert alive == []
+        assert nb.remove_stale_temps(tmp_path / "c") == 8 * 3 * 8 * 8 and list((tmp_path / "c").glob(".*")) == []
+    finally:   # (orphans, if they outlived it)
+        proc.kill()
+        for decoder in decoders:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                decoder.kill()
 
 
 def test_a_write_under_way_is_never_removed_however_young_or_old(nb, tmp_path):

@@ -298,7 +298,8 @@ def test_standardize_uses_train_statistics(nb):
 def test_probe_features_follow_the_reference_protocol_per_architecture(nb, arch, width):
     """eval_linear.py: ViT-S the CLS tokens of the last 4 blocks, ViT-B the last CLS + mean patch token."""
     torch.manual_seed(0)
-    model = nb.build_backbone(nb.make_config("demo", arch=arch, patch_size=16, img_size=32))
+    model = nb.build_backbone(nb.make_config("demo", arch=arch, patch_size=16, img_size=32, global_crop_size=32,
+                                              local_crop_size=16))
     images = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
     settings = nb.probe_feature_settings(arch)
     assert settings == ({"n_last_blocks": 1, "avgpool": True} if arch == "vit_base"
