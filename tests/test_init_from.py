@@ -190,7 +190,7 @@ def test_under_torchrun_rank_0_alone_says_what_the_file_lacks(nb, tmp_path, caps
     cfg = config(nb, tmp_path / "dinov2_vitt14_reg4_pretrain.pth")
     nb.DINOTrainer(cfg, 16, torch.device("cpu"), rank=1, world_size=1)   # (world_size 1: no process group)
     assert capsys.readouterr().out == ""
-    nb.FRESH_HEAD_SAID.clear()   # each rank is a process of its own, with its own record of what it said
+    nb.SAID.clear()   # each rank is a process of its own, with its own record of what it said
     nb.DINOTrainer(cfg, 16, torch.device("cpu"), rank=0, world_size=1)
     out = capsys.readouterr().out
     assert out.count("head starts fresh") == 1 and out.count("a DINOv2 file with patch 14") == 1
