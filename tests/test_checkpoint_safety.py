@@ -353,6 +353,21 @@ def test_exporting_from_a_malicious_file_is_a_clear_error(nb, tmp_path):
     assert not MARKER.exists() and not (tmp_path / "out.pth").exists()
 
 
+def test_a_checkpoint_in_the_format_before_torch_1_6_is_named_so_not_damaged(nb, tmp_path):
+    """A file torch.save wrote with _use_new_zipfile_serialization=False was called "damaged: not a complete
+    zip archive" by every loader, though it is intact and only in the older format."""
+    old = tmp_path / "old_format.pth"
+    torch.save({"pos_embed": torch.zeros(1, 5, 8)}, old, _use_new_zipfile_serialization=False)
+    for load in (nb.load_weights_file, nb.read_state_dict, nb.backbone_from_checkpoint):
+        with pytest.raises(nb.CheckpointError, match=r"old_format.pth is in PyTorch's format before 1.6 .*re-save"):
+            load(old)
+    cut = tmp_path / "cut.pth"
+    torch.save({"pos_embed": torch.zeros(1, 5, 8)}, cut)
+    cut.write_bytes(cut.read_bytes()[:-100])
+    with pytest.raises(nb.CheckpointError, match=r"cut.pth is damaged: not a complete zip archive"):
+        nb.load_weights_file(cut)
+
+
 def test_export_checks_the_teacher(nb, run, tmp_path):
     path = tmp_path / "nan.pth"
     path.write_bytes(edited(run, lambda s: s["teacher"]["backbone.norm.weight"].fill_(float("nan"))))

@@ -84,6 +84,19 @@ def test_knn_k_larger_than_train_set_and_few_classes(nb):
     assert result[20][0] == pytest.approx(200 / 3)  # the query at 60 degrees is nearer to class 0
 
 
+def test_a_class_whose_votes_round_to_zero_still_ranks_above_classes_without(nb):
+    """exp((s_i - s_1)/T) is 0 in float32 once (s_1 - s_i)/T passes about 103: such a class was counted as
+    one without a vote, so the target below (4 of the 20 neighbours, among 5 classes with votes) missed top-5."""
+    query = torch.zeros(1, 8)
+    query[0, 0] = 1
+    far = torch.zeros(19, 8)
+    far[:, 0], far[:, 1] = -0.2, 0.96 ** 0.5   # similarity -0.2: 1.2 below the nearest one (the query itself)
+    train, train_labels = torch.cat([query, far]), torch.tensor([0] + [1, 2, 3, 4] * 4 + [1, 2, 3])
+    for T in (0.1, 0.02, 0.01, 1e-4):
+        assert nb.knn_classify(train, train_labels, query, torch.tensor([3]), k=20, T=T)[20] == (0.0, 100.0)
+        assert nb.knn_classify(train, train_labels, query, torch.tensor([5]), k=20, T=T, num_classes=6)[20] == (0.0, 0.0)
+
+
 def test_knn_tiny_temperature_does_not_underflow(nb):
     train, train_labels = directions([0, 40, 90]), torch.tensor([0, 1, 1])
     # with T = 1e-3, exp(s/T) overflows float32 and exp(-s/T) underflows; the ranking must survive
@@ -152,7 +165,13 @@ def test_features_and_labels_that_do_not_match_are_refused_by_what_differs(nb, s
 
 
 @pytest.mark.parametrize("call, says", [
-    (lambda nb, a: nb.knn_classify(*a, k=0), r"k must be ints >= 1 and T > 0, got k=0"),
+    (lambda nb, a: nb.knn_classify(*a, k=0), r"k, chunk_size and train_chunk_size must be ints >= 1 and T > 0, got k=0"),
+    (lambda nb, a: nb.knn_classify(*a, k=20.0), r"got k=20.0"),
+    (lambda nb, a: nb.knn_classify(*a, k=True), r"got k=True"),
+    (lambda nb, a: nb.knn_classify(*a, chunk_size=0), r"chunk_size=0"),
+    (lambda nb, a: nb.knn_classify(*a, train_chunk_size=0), r"train_chunk_size=0"),
+    (lambda nb, a: nb.knn_classify(*a, num_classes=2), r"num_classes=2: must be an int above every label \(the largest is 2\)"),
+    (lambda nb, a: nb.linear_probe(*a, num_classes=2), r"num_classes=2: must be an int above every label"),
     (lambda nb, a: nb.knn_classify(*a, k=(20, 2.5)), r"got k=\(20, 2.5\)"),
     (lambda nb, a: nb.knn_classify(*a, k=5, T=0), r"T=0"),
     (lambda nb, a: nb.knn_classify(*a, k=5, T=float("nan")), r"T=nan"),
@@ -161,7 +180,9 @@ def test_features_and_labels_that_do_not_match_are_refused_by_what_differs(nb, s
     (lambda nb, a: nb.linear_probe(*a, lr=float("nan")), r"lr=nan"),
     (lambda nb, a: nb.linear_probe(*a, lr=-0.1), r"lr=-0.1")])
 def test_settings_that_score_nothing_are_refused_not_scored(nb, call, says):
-    """k=0 and T=0 scored 0%; a probe of 0 epochs or a NaN learning rate scored its untrained classifier."""
+    """k=0 and T=0 scored 0%; a probe of 0 epochs or a NaN learning rate scored its untrained classifier;
+    k=20.0 raised "'float' object is not iterable", chunk sizes 0 "range() arg 3 must not be zero", and a
+    num_classes below a label an index error that did not name it."""
     feats, labels = torch.randn(30, 8, generator=torch.Generator().manual_seed(0)), torch.arange(30) % 3
     with pytest.raises(ValueError, match=says):
         call(nb, (feats[:20], labels[:20], feats[20:], labels[20:]))
@@ -262,8 +283,8 @@ def test_knn_accuracy_end_to_end_with_eval_cap(nb):
 
 def test_linear_probe_learns_separable_data_and_is_deterministic(nb):
     gen = torch.Generator().manual_seed(0)
-    labels = torch.arange(5).repeat(60)
-    feats = 50 + 20 * (4 * torch.randn(5, 24, generator=gen)[labels] + torch.randn(300, 24, generator=gen))
+    labels = torch.arange(6).repeat(50)
+    feats = 50 + 20 * (4 * torch.randn(6, 24, generator=gen)[labels] + torch.randn(300, 24, generator=gen))
     args = (feats[:200], labels[:200], feats[200:], labels[200:])
     top1, top5 = nb.linear_probe(*args, epochs=10, lr=0.01, batch_size=50)
     assert top1 > 95 and top5 == 100.0
@@ -290,8 +311,34 @@ def test_standardize_uses_train_statistics(nb):
     train, val = 3 + 2 * torch.randn(500, 4), torch.full((2, 4), 3.0)
     train_std, val_std = nb.standardize(train, val)
     assert torch.allclose(train_std.mean(0), torch.zeros(4), atol=1e-5)
-    assert torch.allclose(train_std.std(0), torch.ones(4), atol=1e-4)
-    assert torch.allclose(val_std, (val - train.mean(0)) / (train.std(0) + 1e-6))
+    assert torch.allclose(train_std.std(0, correction=0), torch.ones(4), atol=1e-4)
+    assert torch.allclose(val_std, (val - train.mean(0)) / (train.var(0, correction=0) + 1e-6).sqrt())
+
+
+def test_a_nearly_constant_dimension_is_scaled_as_batchnorm_scales_it(nb):
+    """std + 1e-6 divided a constant training dimension by 1e-6: a val value 1e-3 off became 1,000 and
+    outweighed the dimension that holds the labels (top-1 74% instead of 90%)."""
+    gen = torch.Generator().manual_seed(0)
+    train, val = torch.randn(300, 16, generator=gen), torch.randn(100, 16, generator=gen)
+    train_y, val_y = (train[:, 1] > 0).long(), (val[:, 1] > 0).long()
+    plain = nb.linear_probe(train, train_y, val, val_y, epochs=20, lr=0.01, batch_size=64)[0]
+    train[:, 0], val[:, 0] = 0.5, 0.5 + 1e-3 * torch.randn(100, generator=gen)
+    expected = F.batch_norm(val, train.mean(0), train.var(0, correction=0), eps=1e-6)   # the training statistics
+    assert torch.allclose(nb.standardize(train, val)[1], expected, atol=1e-5)
+    assert nb.linear_probe(train, train_y, val, val_y, epochs=20, lr=0.01, batch_size=64)[0] >= plain - 2
+
+
+@pytest.mark.parametrize("classes", [2, 5])
+def test_a_top5_of_five_classes_or_fewer_is_left_out_not_100(nb, classes):
+    """With 5 classes or fewer every class is among the 5 best: the probe reported 100% top-5 for any
+    features (random labels included); the reference's eval_linear.py leaves it out below 5 classes."""
+    gen = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(200, 8, generator=gen), torch.randint(0, classes, (200,), generator=gen)
+    top1, top5 = nb.linear_probe(feats[:150], labels[:150], feats[150:], labels[150:], epochs=2, batch_size=50)
+    assert 0 <= top1 <= 100 and math.isnan(top5)
+    six = nb.linear_probe(feats[:150], labels[:150], feats[150:], labels[150:], epochs=2, batch_size=50,
+                          num_classes=6)
+    assert 0 <= six[1] <= 100
 
 
 @pytest.mark.parametrize("arch,width", [("vit_tiny", 4 * 192), ("vit_small", 4 * 384), ("vit_base", 2 * 768)])

@@ -658,3 +658,124 @@ def test_a_flat_folder_shows_as_many_images_as_a_labelled_one(nb):
         assert picked.tolist() == [i for c in classes for i in np.flatnonzero(labelled.labels == c)[:per_class]]
     few = types.SimpleNamespace(labels=np.zeros(10, np.int64), has_labels=False)
     assert nb.class_examples(few, 16, per_class=4).tolist() == list(range(10))   # fewer images than meant: all
+
+
+# --- folders as users' disks hold them ------------------------------------------------------------
+
+def two_class_split(root, splits, seed=0):
+    for split in splits:
+        for c in ("cat", "dog"):
+            for i in range(3):
+                write_png(root / split / c / f"{i}.png", asymmetric(8, 8, seed=seed + i))
+
+
+@pytest.mark.parametrize("splits", [("Train", "Test"), ("TRAIN", "VALID"), ("Training", "Testing"),
+                                    ("train", "Validation")])
+def test_split_folders_in_any_case_are_the_split_not_two_classes(nb, tmp_path, splits):
+    """Train/ beside Test/ (a brain-MRI set ships Training/ and Testing/) was two classes, 'Test' and 'Train':
+    the k-NN scored which split an image came from; a lone Train/ was one class, read as unlabelled."""
+    two_class_split(tmp_path / "set", splits)
+    train, val = (nb.folder_split(tmp_path / "set", split, 0.1) for split in ("train", "val"))
+    assert train[2] == val[2] == ["cat", "dog"] and f"own {splits[1]}/" in val[3]
+    assert {Path(p).parts[-3] for p in train[0]} == {splits[0]} and {Path(p).parts[-3] for p in val[0]} == {splits[1]}
+    assert nb.labelled_images(tmp_path / "set")[2] == ["cat", "dog"]
+    two_class_split(tmp_path / "lone", splits[:1])
+    with pytest.warns(UserWarning, match=f"its only folder is {splits[0]}/"):
+        assert nb.folder_split(tmp_path / "lone", "train", 0.25)[2] == ["cat", "dog"]
+
+
+def test_a_linked_held_out_folder_is_not_followed_out_of_the_data_root(nb, tmp_path):
+    """A val/ link beside train/ took its images from wherever it pointed, though links are not followed
+    (a lone linked train/ was refused): now train/ is a lone split and the link is skipped and named."""
+    two_class_split(tmp_path / "set", ["train"])
+    two_class_split(tmp_path / "elsewhere", ["val"], seed=5)
+    (tmp_path / "set" / "val").symlink_to(tmp_path / "elsewhere" / "val")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        val = nb.folder_split(tmp_path / "set", "val", 0.34)
+    assert {Path(p).parts[-3] for p in val[0]} == {"train"} and val[2] == ["cat", "dog"]
+    assert all("elsewhere" not in str(p) for p in val[0])
+    assert any("skipped the link(s) ['val'] beside it (links are not followed)" in str(w.message) for w in said)
+
+
+def test_class_names_in_either_unicode_form_are_one_class(nb, tmp_path):
+    """macOS stores 'café' decomposed (NFD), Linux as typed (NFC): train/café and val/café did 'not match',
+    in an error that showed the same two names; without a split they were two classes of one name."""
+    composed, decomposed = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    for split, name in (("train", composed), ("val", decomposed)):
+        for c in (name, "dog"):
+            for i in range(2):
+                write_png(tmp_path / "set" / split / c / f"{i}.png", asymmetric(8, 8, seed=i))
+    paths, labels, classes, _ = nb.folder_split(tmp_path / "set", "val", 0.1)
+    assert classes == [composed, "dog"] and labels == [0, 0, 1, 1]
+    for i, name in enumerate((composed, decomposed)):
+        write_png(tmp_path / "flat" / name / f"{i}.png", asymmetric(8, 8, seed=i))
+    paths, labels, classes = nb.list_image_folder(tmp_path / "flat")
+    assert classes == [composed] and labels == [0, 0]
+
+
+def test_folders_that_give_nothing_are_named_not_dropped_silently(nb, tmp_path, monkeypatch):
+    """An empty class folder, a folder that cannot be listed (os.walk skips it without a word), a pipe named
+    like an image (called a link) and an MPEG video (PIL reads its size, not its pixels: an 'unreadable image')."""
+    for c in ("a", "c", "locked"):
+        write_png(tmp_path / "f" / c / "0.png", asymmetric(8, 8))
+    (tmp_path / "f" / "b").mkdir()
+    os.mkfifo(tmp_path / "f" / "a" / "pipe.jpg")
+    (tmp_path / "f" / "c" / "clip.mpg").write_bytes(b"\0\0\1\xb3\x14\0\xf0\x13" + bytes(64))
+    scandir = os.scandir
+    def refuse_locked(path="."):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", refuse_locked)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        paths, labels, classes = nb.list_image_folder(tmp_path / "f")
+    said = "\n".join(str(w.message) for w in said)
+    assert classes == ["a", "c"] and [Path(p).name for p in paths] == ["0.png", "0.png"]
+    assert "could not list 1 folder(s), their images left out" in said and "locked: Permission denied" in said
+    assert "ignored 2 folder(s) without an image, e.g. ['b', 'locked']" in said
+    assert "skipped 1 file(s) that are no regular file" in said and "pipe.jpg" in said and "link" not in said
+    assert "ignored 1 file(s) whose suffix is no image format" in said and "clip.mpg" in said
+
+
+def test_the_first_readable_images_are_drawn_whatever_comes_before_them(nb, tmp_path, small_vit):
+    """own_images whose first 8 files were unreadable stopped the cell ('none of the 8 image file(s) could be
+    read') before any features were exported; a 1-pixel-wide image gave an OpenCV assertion as its reason;
+    a pipe named in own_images was opened, and the cell waited for it forever."""
+    broken = [tmp_path / f"a{i}.jpg" for i in range(2)] + [tmp_path / "pipe.jpg"]
+    for path in broken[:2]:
+        path.write_bytes(b"")
+    os.mkfifo(broken[2])
+    write_png(tmp_path / "line.png", np.zeros((1, 600, 3), np.uint8))
+    good = [write_png(tmp_path / f"b{i}.png", asymmetric(40, 48, seed=i)) for i in range(3)]
+    with pytest.warns(UserWarning, match=r"skipped 4 unreadable or too small image\(s\) of 6") as caught:
+        rows = nb.attention_rows_for_files(small_vit, [tmp_path / "line.png"] + broken + good, 0.6, 50, limit=2)
+    assert len(rows) == 2 and "line.png', '50x1 px" in str(caught[0].message)
+    with pytest.raises(nb.DataError, match=r"pipe.jpg', 'UnusableImage: no regular file"):
+        nb.attention_rows_for_files(small_vit, broken[2:], 0.6, 50)
+    with pytest.raises(ValueError, match=r"img_size=16.0: must be a whole number of pixels >= 1"):
+        nb.export_features(small_vit, good, tmp_path / "out", img_size=16.0)
+
+
+def test_unreadable_files_are_counted_on_every_run_and_an_unreadable_split_says_why(nb, tmp_path):
+    """Files skipped when the cache was built went unmentioned on every later run; a held-out split whose one
+    image was broken stopped with 'none of the 1 image file(s) could be read', and not why that one."""
+    names = [f"p{i}.png" for i in range(10)]
+    lowest = min(names, key=nb.path_hash)   # the one image held out at val_fraction 0.1
+    for i, name in enumerate(names):
+        if name == lowest or i == 0 and name != lowest:
+            (tmp_path / "flat").mkdir(exist_ok=True)
+            (tmp_path / "flat" / name).write_bytes(b"\xff\xd8\xff")
+        else:
+            write_png(tmp_path / "flat" / name, asymmetric(16, 16, seed=i))
+    build = lambda split: nb.ImageFolder(tmp_path / "flat", split, 16, 0.1, cache_dir=tmp_path / "c", workers=1)
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image\(s\) of 9"):
+        assert len(build("train")) == 8
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert len(build("train")) == 8
+    assert [str(w.message) for w in said if "1 of 9 image file(s) unreadable and left out" in str(w.message)]
+    with pytest.raises(nb.DataError, match=r"none of the 1 image file\(s\) of split 'val' could be read "
+                                           r"\(val_fraction=0.1 .*chosen before they are decoded\): fix or remove"):
+        build("val")
