@@ -2,7 +2,8 @@
 
 Tests, benchmarks and the multi-GPU launcher import the notebook's own code through this loader, so
 what they run is what the notebook defines. `DINO_NOTEBOOK` points it at another notebook file.
-`parse_overrides` reads the scripts' `--set key=value ...` Config overrides, one spelling for all of them.
+`parse_overrides` reads the scripts' `--set key=value ...` Config overrides and `check_at_least` refuses a count
+below its least value: one spelling for all of them.
 """
 import ast
 import dataclasses
@@ -46,6 +47,15 @@ def load_notebook(path=None, name="dino_vit"):
     for i, src in enumerate(export_sources(path)):
         exec(compile(src, f"{path.name}[export {i}]", "exec"), module.__dict__)
     return module
+
+
+def check_at_least(parser, args, **least):
+    """The scripts' one-line refusal (parser.error: usage, the message, exit 2) of a count below its least
+    value: check_at_least(p, a, steps=1, workers=0); a None (not given) passes."""
+    for name, low in least.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            parser.error(f"--{name.replace('_', '-')}={value}: must be >= {low}")
 
 
 def parse_overrides(pairs, config=None):

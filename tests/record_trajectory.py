@@ -94,6 +94,8 @@ def largest_gaps(losses, after, recorded):
 
 
 if __name__ == "__main__":
+    import argparse
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()   # --help, and no stray argument
     sys.path.insert(0, str(HERE))
     from nbloader import load_notebook
     import tempfile

@@ -5,6 +5,7 @@ here (they live in tests/benchmarks/results/), only that the command runs and wr
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,19 @@ def test_fit_epochs_runs_the_budget_rules_settings(tmp_path):
     assert "fit:" in out and 1 <= fitted["epochs"] < 1000
     assert fitted["settings"]["epochs"] == result["config"]["epochs"] == fitted["epochs"]
     assert result["config"]["warmup_epochs"] == fitted["epochs"] - 1
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--out", "/dev/null/results"], "--out=/dev/null/results: cannot write there"),
+    (["--bank", "0"], "--bank=0: must be >= 1"),
+    (["--set", "arch=vit_nope"], "Config.arch='vit_nope': must be one of")])
+def test_a_bad_argument_is_one_line_before_the_run_not_a_traceback_after_it(tmp_path, args, says):
+    """An unwritable --out failed after the whole run (5.5 minutes on the lent GPU); --bank 0 recorded a bank
+    of 0 while every image voted; a bad --set printed a traceback."""
+    temporary = lambda: set(Path(tempfile.gettempdir()).glob("bench-learn-*"))
+    before = temporary()
+    done = subprocess.run([sys.executable, str(BENCH), "--name", "bad", "--out", str(tmp_path), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr
+    assert temporary() <= before   # no checkpoint folder left behind (a refused --set made one)
+    assert done.stdout == "" and not (tmp_path / "learn-bad.json").exists()

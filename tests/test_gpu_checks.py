@@ -12,6 +12,7 @@ STAND_IN = """#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
 case "$*" in *"--variants graphs --no-profile"*) [ "${SMOKE:-ok}" = ok ] && echo "graphs  vit_tiny  1234 images/s" ;; esac
 case "$*" in *"${FAIL:-no such script}"*) echo "graphs: FAILED"; exit 3 ;; esac
+case "$*" in *"${SEE_LOG:-no such script}"*) echo "epoch 1: a line"; sleep 1; cat "$OUT/learn.txt" > "$SEEN" ;; esac
 """
 
 TIMEOUT_STAND_IN = """#!/usr/bin/env bash
@@ -114,3 +115,21 @@ def test_an_older_calls_smoke_log_is_not_this_calls_answer(tmp_path):
     (tmp_path / "out" / "smoke.txt").write_text("graphs  vit_tiny  1234 images/s\n")   # a passing call before
     done, scripts = run_checks(tmp_path, PART="learn", SMOKE="failed")
     assert scripts == ["bench_train.py", "bench_learn.py"] and "CUDA graphs work: false" in done.stdout
+
+
+def test_a_step_that_cannot_fit_the_time_left_is_skipped_and_counted(tmp_path):
+    """With 25 s left a step needing minutes was started anyway (and timed out), and a step skipped for time
+    left the exit status 0, as if everything had been measured."""
+    done, scripts = run_checks(tmp_path, PART="learn", GRAPHS="true", DEADLINE="100")
+    assert done.returncode == 1 and scripts == []
+    assert "skipped for time (" in done.stdout and "360 s needed): python3 tests/benchmarks/bench_learn.py" in done.stdout
+    assert done.stdout.strip().endswith("failed: learn.txt (skipped)")
+
+
+def test_a_steps_log_is_written_while_it_runs(tmp_path):
+    """grep between the step and its log held the lines back until the step ended: a call killed at its limit
+    brought back nothing of the step it was in."""
+    done, _ = run_checks(tmp_path, PART="learn", GRAPHS="true", SEE_LOG="bench_learn.py", SEEN=str(tmp_path / "seen"))
+    assert done.returncode == 0, done.stderr
+    seen = (tmp_path / "seen").read_text().splitlines()
+    assert seen[0].startswith("$ python3 tests/benchmarks/bench_learn.py") and seen[1:] == ["epoch 1: a line"]

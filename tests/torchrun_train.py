@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nbloader import load_notebook, parse_overrides  # noqa: E402
+from nbloader import check_at_least, load_notebook, parse_overrides  # noqa: E402
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
 
@@ -52,10 +52,14 @@ def main(argv=None):
     p.add_argument("--dump-teachers", action="store_true",
                    help="every rank saves its teacher as <run>/teacher_rank<R>.pt (to compare replicas)")
     args = p.parse_args(argv)
+    check_at_least(p, args, max_steps=1)
     nb = load_notebook()
     import torch
     import torch.distributed as dist
-    cfg = nb.make_config(args.profile, **parse_overrides(args.set, nb.Config))
+    try:
+        cfg = nb.make_config(args.profile, **parse_overrides(args.set, nb.Config))
+    except nb.ConfigError as error:   # one line (on each rank), not a traceback
+        p.error(str(error))
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = nb.pick_device(cfg.device)
     if device.type == "cuda" and world_size > 1:   # torchrun gives each process the GPU of its LOCAL_RANK

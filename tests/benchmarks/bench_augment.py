@@ -20,7 +20,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nbloader import load_notebook  # noqa: E402
+from nbloader import check_at_least, load_notebook  # noqa: E402
 
 BATCH = 256
 
@@ -73,6 +73,7 @@ def main():
     parser.add_argument("--cpu-repeats", type=int, default=3)
     parser.add_argument("--gpu-repeats", type=int, default=50)
     args = parser.parse_args()
+    check_at_least(parser, args, baseline_images=1, cpu_repeats=1, gpu_repeats=1)
     nb = load_notebook()
     rng = np.random.default_rng(0)
     batch = torch.from_numpy(rng.integers(0, 256, (BATCH, 3, 64, 64), dtype=np.uint8))

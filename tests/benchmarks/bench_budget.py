@@ -7,6 +7,7 @@ epochs fitted to --minutes (each epoch with --eval-seconds of evaluation) of eve
     python tests/benchmarks/bench_budget.py [--repeats 5] [--minutes 26] [--eval-seconds 8.3] [--workers 2]
 """
 import argparse
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from bench_learn import machine, shapes_config  # noqa: E402
-from nbloader import load_notebook  # noqa: E402
+from nbloader import check_at_least, load_notebook  # noqa: E402
 
 
 def main():
@@ -32,8 +33,17 @@ def main():
     p.add_argument("--workers", type=int, default=0, help="reader processes (num_workers), as the run's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
+    check_at_least(p, a, images=1, img_size=8, repeats=1, workers=0)
     nb, device = load_notebook(), torch.device(a.device)
     cfg = shapes_config(nb, a.profile, a.img_size, num_workers=a.workers)
+    try:
+        measure(nb, a, cfg, device)
+    finally:
+        shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)   # shapes_config's temporary folder
+
+
+def measure(nb, a, cfg, device):
+    """epochs_for_budget's rate, a.repeats times with each minimum of timed seconds, and their spread."""
     train = nb.ShapesDataset(a.images, a.img_size, seed=1)
     print(f"{machine(device)}; profile {a.profile}, {a.images} images at {a.img_size} px; "
           f"{a.minutes:g} minutes, {a.eval_seconds:g} s of evaluation an epoch, {a.workers} reader processes")

@@ -127,6 +127,9 @@ def main():
     p.add_argument("--dir", default="/tmp/bench_imagenet64")
     p.add_argument("--child", nargs="+")
     a = p.parse_args()
+    for name in ("n", "reads"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name}={getattr(a, name)}: must be >= 1")
     if a.child:
         mode, *rest = a.child
         fn = {"write": write_file, "convert": convert, "read": read}[mode]

@@ -18,10 +18,13 @@ run is then the run of --set epochs=<that number> (with the warm-ups cut where t
 notebook's budget_settings), and its minutes in all stay within --minutes.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
+import datetime
 import itertools
 import json
+import os
 import platform
 import shutil
 import sys
@@ -34,7 +37,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from nbloader import load_notebook, parse_overrides  # noqa: E402
+from nbloader import check_at_least, load_notebook, parse_overrides  # noqa: E402
 
 
 def machine(device):
@@ -48,9 +51,9 @@ def machine(device):
 def shapes_config(nb, profile, img_size, **overrides):
     """The profile at the generated set's image size (global crops the whole image, local crops half), every
     image an epoch, a temporary checkpoint folder; `overrides` on top."""
-    return nb.make_config(profile, **{"img_size": img_size, "global_crop_size": img_size,
-                                      "local_crop_size": img_size // 2, "max_train_images": 0, **overrides,
-                                      "checkpoint_dir": tempfile.mkdtemp(prefix="bench-learn-")})
+    cfg = nb.make_config(profile, **{"img_size": img_size, "global_crop_size": img_size,
+                                     "local_crop_size": img_size // 2, "max_train_images": 0, **overrides})
+    return dataclasses.replace(cfg, checkpoint_dir=tempfile.mkdtemp(prefix="bench-learn-"))   # once the rest holds
 
 
 def knn_top1(nb, features, train, val, cfg, device, bank):
@@ -155,10 +158,30 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(HERE / "results"))
     a = p.parse_args()
-    nb, device = load_notebook(), torch.device(a.device)
-    overrides = parse_overrides(a.set, nb.Config)
-    cfg = shapes_config(nb, a.profile, a.img_size, **overrides)
-    start = time.perf_counter()
+    check_at_least(p, a, images=1, val_images=1, bank=1, img_size=8)
+    if not a.minutes > 0:
+        p.error(f"--minutes={a.minutes}: must be > 0")
+    out = Path(a.out) / f"learn-{a.name}.json"
+    try:   # before the run, not after it
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as error:
+        p.error(f"--out={a.out}: cannot write there ({error})")
+    nb = load_notebook()
+    try:
+        device = torch.device(a.device)
+        cfg = shapes_config(nb, a.profile, a.img_size, **parse_overrides(a.set, nb.Config))
+    except (ValueError, RuntimeError) as error:   # ConfigError is a ValueError; a device torch does not know
+        p.error(str(error))
+    try:
+        run(nb, a, cfg, device, out)
+    finally:
+        shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)   # shapes_config's temporary folder
+
+
+def run(nb, a, cfg, device, out):
+    """The run of main's arguments: the curve written to `out` (and its attention figure beside it)."""
+    overrides, start = parse_overrides(a.set, nb.Config), time.perf_counter()
     train = nb.ShapesDataset(a.images, a.img_size, seed=1)
     val = nb.ShapesDataset(a.images // 5 if a.val_images is None else a.val_images, a.img_size, seed=2)
     made = time.perf_counter() - start
@@ -174,7 +197,9 @@ def main():
         cfg = dataclasses.replace(cfg, **fitted["settings"])   # budget_settings: the run, warm-ups cut to fit
         nb.seed_everything(cfg.seed)   # the run is then the run of --set epochs=<fitted>
         trainer = nb.DINOTrainer(cfg, len(train), device)
-    result = dict(machine=machine(device), device=device.type, profile=a.profile, settings=overrides, fitted=fitted,
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    result = dict(machine=machine(device), device=device.type, date=date, profile=a.profile, settings=overrides,
+                  fitted=fitted,
                   config={k: v for k, v in json.loads(json.dumps(vars(cfg))).items() if not k.startswith("_")},
                   data=dict(name="ShapesDataset", train=len(train), val=len(val), knn_bank=min(a.bank, len(train)), img_size=a.img_size,
                             classes=len(nb.SHAPE_CLASSES), seconds_to_make=round(made, 1)),
@@ -182,47 +207,48 @@ def main():
                   epochs=[dict(epoch=0, **first, loss=None, entropy=None, kl=None, images_per_s=None)])
     print(f"{a.name}: {machine(device)}; raw pixels {raw:.1f}%; init {result['epochs'][0]}", flush=True)
     train_seconds, alarms, loader, last_jaccards = 0.0, [], None, first_jaccards
-    while trainer.epoch < cfg.epochs and train_seconds < 60 * a.minutes:
-        rows, tick, images_seen = [], time.perf_counter(), 0
-        if loader is None:   # one for the run, as train_dino's: its reader processes start once, timed here
-            loader = nb.run_loader(trainer, train.images)
-        for images in itertools.islice(loader, trainer.iters_per_epoch):
-            # every log_every_steps-th step and each epoch's last, as the notebook's loop logs them
-            log_now = nb.is_logged(trainer)
-            stats = nb.train_step(trainer, images, log_now)
-            rows += [stats] if log_now else []
-            images_seen += len(images)
-            if train_seconds + time.perf_counter() - tick > 60 * a.minutes:
-                break
-        nb.synchronize(device)
-        seconds = time.perf_counter() - tick
-        train_seconds += seconds
-        last_epoch = (trainer.step - 1) // trainer.iters_per_epoch  # the rows' epoch, from 0, even if the budget cut it
-        alarm = nb.stall_alarm(rows, cfg, last_epoch) if hasattr(nb, "stall_alarm") else None
-        # null, not NaN, when the budget cut an epoch before its first logged step
-        mean = lambda key: float(np.mean([r[key] for r in rows])) if rows else None
-        scores, last_jaccards = evaluate(nb, trainer, train, val, device, a.bank)
-        epoch = dict(epoch=round(trainer.step / trainer.iters_per_epoch, 3), **scores,
-                     loss=mean("loss"), entropy=mean("entropy"), kl=mean("kl"), images_per_s=images_seen / seconds)
-        result["epochs"].append(epoch)
-        alarms += [dict(epoch=epoch["epoch"], message=alarm)] if alarm else []
-        print(f"  epoch {epoch['epoch']:g}: " + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in epoch.items()
-                                                           if k != "epoch") + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+    stack = contextlib.ExitStack()   # the readers stopped also when the run fails: Python's exit waits for them
+    with stack:
+        while trainer.epoch < cfg.epochs and train_seconds < 60 * a.minutes:
+            rows, tick, images_seen = [], time.perf_counter(), 0
+            if loader is None:   # one for the run, as train_dino's: its reader processes start once, timed here
+                loader = stack.enter_context(nb.readers_stopped(nb.run_loader(trainer, train.images)))
+            for images in itertools.islice(loader, trainer.iters_per_epoch):
+                # every log_every_steps-th step and each epoch's last, as the notebook's loop logs them
+                log_now = nb.is_logged(trainer)
+                stats = nb.train_step(trainer, images, log_now)
+                rows += [stats] if log_now else []
+                images_seen += len(images)
+                if train_seconds + time.perf_counter() - tick > 60 * a.minutes:
+                    break
+            nb.synchronize(device)
+            seconds = time.perf_counter() - tick
+            train_seconds += seconds
+            last_epoch = (trainer.step - 1) // trainer.iters_per_epoch  # the rows' epoch, from 0, even if the budget cut it
+            alarm = nb.stall_alarm(rows, cfg, last_epoch) if hasattr(nb, "stall_alarm") else None
+            # null, not NaN, when the budget cut an epoch before its first logged step
+            mean = lambda key: float(np.mean([r[key] for r in rows])) if rows else None
+            scores, last_jaccards = evaluate(nb, trainer, train, val, device, a.bank)
+            epoch = dict(epoch=round(trainer.step / trainer.iters_per_epoch, 3), **scores,
+                         loss=mean("loss"), entropy=mean("entropy"), kl=mean("kl"), images_per_s=images_seen / seconds)
+            result["epochs"].append(epoch)
+            alarms += [dict(epoch=epoch["epoch"], message=alarm)] if alarm else []
+            print(f"  epoch {epoch['epoch']:g}: " + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in epoch.items()
+                                                               if k != "epoch") + f" ({time.perf_counter() - start:.0f} s)", flush=True)
     # the same images at init and after: the gain's error from the paired differences, smaller than either's
     gain, gain_se = mean_and_error(last_jaccards - first_jaccards)
     result.update(minutes=(time.perf_counter() - start) / 60, train_minutes=train_seconds / 60,
                   max_entropy=float(np.log(cfg.out_dim)), alarms=alarms,
                   attention_jaccard_gain=dict(mean=gain, se=gain_se))
     print(f"attention Jaccard gain over init, paired over the same images: {gain:+.3f} +- {gain_se:.3f}")
-    out = Path(a.out) / f"learn-{a.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    partial = out.with_name(f".{out.name}.{os.getpid()}")   # whole or not at all, as the notebook's files
+    partial.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(partial, out)
     epochs = result["epochs"]
     attention_figure(nb, {"random init": (initial, epochs[0]["attention_jaccard"]),
                           f"trained, epoch {epochs[-1]['epoch']:g}": (trainer.teacher.backbone,
                                                                       epochs[-1]["attention_jaccard"])},
                      val, cfg, out.with_name(f"learn-{a.name}-attention.jpg"))
-    shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)   # shapes_config's temporary folder
     print(f"wrote {out} and its attention figure")
 
 

@@ -62,6 +62,7 @@ def main():
     a = p.parse_args()
     if a.one is not None:
         return one_run(a)
+    failed = 0
     for notebook in ([a.compare] if a.compare else []) + [None]:
         env = {k: v for k, v in os.environ.items() if k != "DINO_NOTEBOOK"}
         if notebook:
@@ -72,6 +73,9 @@ def main():
             done = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True)
             lines = [line[len("RESULT "):] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             print(lines[0] if lines and done.returncode == 0 else f"FAILED: {done.stderr[-1500:]}", flush=True)
+            failed += not (lines and done.returncode == 0)
+    if failed:
+        sys.exit(f"{failed} run(s) FAILED")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def repeat(batch):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--archs", nargs="+", default=None)
+    p.add_argument("--archs", nargs="+", default=None, choices=["vit_tiny", "vit_small", "vit_base"])
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--workers", type=int, default=12, help="DataLoader workers of the per-image pipeline")
     p.add_argument("--batch", type=int, default=256, help="batch size of the GPU runs")
@@ -102,19 +102,31 @@ def main():
     p.add_argument("--official", default=None, help="GPU: a checkout of facebookresearch/dino to time its step")
     p.add_argument("--no-profile", action="store_true")
     a = p.parse_args()
-    nb = load_notebook()
-    device = torch.device(a.device)
+    check_at_least(p, a, steps=1, batch=1, rounds=1, workers=0)
+    for name in ("compare", "before", "official"):
+        if getattr(a, name) and not Path(getattr(a, name)).exists():
+            p.error(f"--{name}={getattr(a, name)}: no such file or folder")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError as error:
+        p.error(f"--device={a.device}: {error}")
+    gpu_run = device.type != "cpu" or a.gpu_path_on
+    if not gpu_run and (a.archs or a.before or a.official):
+        p.error("--archs, --before and --official are for the GPU run (--device cuda, or --gpu-path-on)")
+    nb, steps = load_notebook(), lambda default: default if a.steps is None else a.steps
     if a.compare and device.type == "cpu":
         compare_cpu(load_notebook(a.compare, name="dino_vit_other"), nb, a.rounds)
     elif a.gpu_path_on:
-        run_gpu(nb, torch.device(a.gpu_path_on), a.archs or ["vit_small"], a.steps or 2, a.workers, a.batch,
-                a.variants, profile=False)
+        failed = run_gpu(nb, torch.device(a.gpu_path_on), a.archs or ["vit_small"], steps(2), a.workers, a.batch,
+                         a.variants, profile=False)
+        sys.exit(f"{failed} measurement(s) FAILED" if failed else 0)
     elif device.type == "cpu":
-        run_cpu(nb, a.steps or 3)
+        run_cpu(nb, steps(3))
     else:
         old = load_notebook(a.before, name="dino_vit_before") if a.before else None
-        run_gpu(nb, device, a.archs or ["vit_tiny", "vit_small", "vit_base"], a.steps or 20, a.workers, a.batch,
-                a.variants, old, a.official, not a.no_profile)
+        failed = run_gpu(nb, device, a.archs or ["vit_tiny", "vit_small", "vit_base"], steps(20), a.workers,
+                         a.batch, a.variants, old, a.official, not a.no_profile)
+        sys.exit(f"{failed} measurement(s) FAILED" if failed else 0)
 
 
 def cpu_trainer(nb):
@@ -213,7 +225,8 @@ def gpu_variant(nb, arch, variant, images, device, steps, batch_size):
 
 
 def run_gpu(nb, device, archs, steps, workers, batch_size, variants, old_nb=None, official=None, profile=True):
-    cuda = device.type == "cuda"
+    """The GPU comparison, printed; returns how many of its measurements failed (the others still run)."""
+    cuda, failed, classic_done = device.type == "cuda", 0, False
     peak = matmul_rate(device, torch.bfloat16 if cuda else torch.float32, 8192 if cuda else 1024)
     print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}; measured "
           f"{'bf16' if cuda else 'fp32'} matmul {peak / 1e12:.2f} TFLOP/s", flush=True)
@@ -227,6 +240,7 @@ def run_gpu(nb, device, archs, steps, workers, batch_size, variants, old_nb=None
                 trainer, r = gpu_variant(nb, arch, variant, images, device, steps, batch_size)
             except Exception as error:   # a variant that fails is reported, the others still run
                 print(f"  {variant:15s}: FAILED {type(error).__name__}: {str(error)[:300]}", flush=True)
+                failed += 1
                 continue
             if flops is None:
                 flops = flops_per_image(nb, trainer, torch.from_numpy(images[:batch_size]).to(device))
@@ -239,11 +253,16 @@ def run_gpu(nb, device, archs, steps, workers, batch_size, variants, old_nb=None
                     print(profile_table(nb, trainer, torch.from_numpy(images[:batch_size]).to(device), variant))
                 except Exception as error:
                     print(f"  profile of {variant} FAILED: {type(error).__name__}: {error}")
-            if arch == "vit_small" and variant == variants[-1]:
-                cfg = trainer.cfg
-                classic = step_rate(nb, trainer, per_image_loader(nb, cfg, images, workers), steps)
-                print(f"  per-image CPU pipeline, {workers} workers: {classic:8,.0f} images/s -> ours from the "
-                      f"memmap is {r['fed'] / classic:.1f}x", flush=True)
+                    failed += 1
+            if arch == "vit_small" and not classic_done:   # beside the first variant that ran (a later one may fail)
+                classic_done = True
+                try:
+                    classic = step_rate(nb, trainer, per_image_loader(nb, trainer.cfg, images, workers), steps)
+                    print(f"  per-image CPU pipeline, {workers} workers: {classic:8,.0f} images/s -> ours ({variant}) "
+                          f"from the memmap is {r['fed'] / classic:.1f}x", flush=True)
+                except Exception as error:
+                    print(f"  per-image CPU pipeline FAILED: {type(error).__name__}: {error}", flush=True)
+                    failed += 1
             del trainer
             if cuda:
                 torch.cuda.empty_cache()
@@ -261,6 +280,8 @@ def run_gpu(nb, device, archs, steps, workers, batch_size, variants, old_nb=None
                       f"images/s (its modules, fp16 autocast + GradScaler, crops ready on the GPU)", flush=True)
             except Exception as error:
                 print(f"  official code FAILED: {type(error).__name__}: {error}", flush=True)
+                failed += 1
+    return failed
 
 
 KERNEL_KINDS = [  # (kind, pattern in the kernel name), first match wins

@@ -21,7 +21,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from nbloader import load_notebook  # noqa: E402
+from nbloader import check_at_least, load_notebook  # noqa: E402
 
 STEPS_PER_EPOCH = 4
 
@@ -43,12 +43,16 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--tolerance", type=float, default=1e-3, help="largest |loss difference| / |loss| on a GPU")
     a = p.parse_args()
+    check_at_least(p, a, steps=1, batch=1)
     nb, device = load_notebook(), torch.device(a.device)
     epochs = max(-(-a.steps // STEPS_PER_EPOCH), 2)
     # no drop path: a graph's random draws come from its own offsets, so they would differ from eager ones
-    cfg = nb.make_config("demo", arch=a.arch, batch_size=a.batch, epochs=epochs, warmup_epochs=1,
-                         warmup_teacher_temp=0.02, teacher_temp=0.04, warmup_teacher_temp_epochs=epochs,
-                         drop_path_rate=0.0, compile=False, checkpoint_dir="/tmp/check_graphs")
+    try:
+        cfg = nb.make_config("demo", arch=a.arch, batch_size=a.batch, epochs=epochs, warmup_epochs=1,
+                             warmup_teacher_temp=0.02, teacher_temp=0.04, warmup_teacher_temp_epochs=epochs,
+                             drop_path_rate=0.0, compile=False, checkpoint_dir="/tmp/check_graphs")
+    except nb.ConfigError as error:
+        p.error(str(error))
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 256, (a.batch, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8,
                              generator=generator) for _ in range(a.steps)]

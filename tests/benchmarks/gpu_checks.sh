@@ -19,8 +19,10 @@
 # A session's lease is 15 device-minutes, the machine's start (1-3 minutes) included, at most 600 s a call, so
 # DEADLINE defaults to what each part may take of it: PART=speed 300 s, PART=learn 390 s (the learning run's
 # 5.5 minutes and the start of Python and CUDA; 540 s with the smoke test, GRAPHS unset), PART=all 570 s (it
-# then cuts what comes last). A step that fails or runs out of time says so on a line of its own ("FAILED
-# (exit N)", "FAILED (timed out after N s)"), and the script then ends with exit status 1, naming them.
+# then cuts what comes last). A step that fails, runs out of time or is not started because less time is left
+# than it needs says so on a line of its own ("FAILED (exit N)", "FAILED (timed out after N s)", "skipped for
+# time"), and the script then ends with exit status 1, naming them. Each step's log is written line by line, so
+# a call killed at its limit still brings back what its last step printed.
 set -u
 OUT=${OUT:-/tmp/gpu-checks}; mkdir -p "$OUT"
 BEFORE=${1:-}; OFFICIAL=${2:-}; PAPER=${PAPER:-0}; PART=${PART:-all}; GRAPHS=${GRAPHS:-}
@@ -34,10 +36,15 @@ left() {  # seconds until the deadline, at most $1
     local rest=$((DEADLINE - SECONDS)); echo $((rest < $1 ? rest : $1))
 }
 failed=()
-run() {   # run LIMIT LOG COMMAND...: the command under `timeout`, skipped when under 20 s are left; its status
-    local limit; limit=$(left "$1"); local log=$2; shift 2
-    if [ "$limit" -lt 20 ]; then echo "skipped for time: $*" | tee -a "$log"; return 1; fi
-    timeout "$limit" "$@" 2>&1 | { grep -v Warning || true; } | tee -a "$log"
+run() {   # run NEED LIMIT LOG COMMAND...: the command under `timeout` LIMIT (or what is left), skipped when
+    # less than NEED seconds are left; its status
+    local need=$1 limit; limit=$(left "$2"); local log=$3; shift 3
+    if [ "$limit" -lt "$need" ]; then
+        echo "skipped for time ($limit s left, $need s needed): $*" | tee -a "$log"; failed+=("${log##*/} (skipped)")
+        return 1
+    fi
+    echo "\$ $* (limit $limit s, $(date -u '+%F %T UTC'))" | tee -a "$log"   # what ran, when, in each log
+    timeout "$limit" "$@" 2>&1 | { grep --line-buffered -v Warning || true; } | tee -a "$log"
     local status=${PIPESTATUS[0]}
     if [ "$status" -ne 0 ]; then
         local why="exit $status"; [ "$status" -eq 124 ] && why="timed out after $limit s"
@@ -50,10 +57,10 @@ run() {   # run LIMIT LOG COMMAND...: the command under `timeout`, skipped when 
 graphs=$GRAPHS
 if [ -z "$graphs" ]; then
     graphs=false; : > "$OUT/smoke.txt"; : > "$OUT/check_graphs.txt"   # this call's answer, not an older one's
-    run 90 "$OUT/smoke.txt" python3 tests/benchmarks/bench_train.py --device cuda --archs vit_tiny --steps 5 \
+    run 45 90 "$OUT/smoke.txt" python3 tests/benchmarks/bench_train.py --device cuda --archs vit_tiny --steps 5 \
         --variants graphs --no-profile
     grep -q "graphs .*images/s" "$OUT/smoke.txt" && graphs=true
-    if [ "$graphs" = true ] && ! run 60 "$OUT/check_graphs.txt" python3 tests/benchmarks/check_graphs.py \
+    if [ "$graphs" = true ] && ! run 30 60 "$OUT/check_graphs.txt" python3 tests/benchmarks/check_graphs.py \
             --device cuda --steps 12; then
         graphs=false   # the graph step did not equal the eager one (or did not finish): the runs go without
     fi
@@ -61,14 +68,14 @@ fi
 echo "CUDA graphs work: $graphs"
 # one learning run at a time: four side by side on one GPU finished no epoch in 280 s (2026-12-04); compile
 # off: its first step would cost the timing trainer of --fit-epochs and then the run a minute or more each
-wants learn && run 390 "$OUT/learn.txt" python3 tests/benchmarks/bench_learn.py --name gpu-short --profile short \
+wants learn && run 360 390 "$OUT/learn.txt" python3 tests/benchmarks/bench_learn.py --name gpu-short --profile short \
     --images 50000 --bank 20000 --minutes 5.5 --fit-epochs --out "$OUT" --set arch=vit_small batch_size=256 \
     num_workers=4 compile=false cuda_graphs=$graphs
-wants speed && run 60 "$OUT/bench_head_loss.txt" python3 tests/benchmarks/bench_head_loss.py --device cuda --batch 256
-wants speed && run 420 "$OUT/bench_train.txt" python3 tests/benchmarks/bench_train.py --device cuda --steps 15 \
+wants speed && run 30 60 "$OUT/bench_head_loss.txt" python3 tests/benchmarks/bench_head_loss.py --device cuda --batch 256
+wants speed && run 60 420 "$OUT/bench_train.txt" python3 tests/benchmarks/bench_train.py --device cuda --steps 15 \
     --variants eager graphs compile+graphs ${BEFORE:+--before "$BEFORE"} ${OFFICIAL:+--official "$OFFICIAL"}
 if [ "$PAPER" = 1 ] && wants learn; then
-    run 150 "$OUT/learn.txt" python3 tests/benchmarks/bench_learn.py --name gpu-paper-short --profile imagenet64 \
+    run 130 150 "$OUT/learn.txt" python3 tests/benchmarks/bench_learn.py --name gpu-paper-short --profile imagenet64 \
         --images 50000 --bank 20000 --minutes 1.8 --out "$OUT" --set epochs=5 num_workers=4 compile=false \
         cuda_graphs=$graphs warmup_epochs=1 warmup_teacher_temp_epochs=2 momentum_teacher=0.996
 fi
