@@ -48,6 +48,7 @@ def test_fit_epochs_runs_the_budget_rules_settings(tmp_path):
 @pytest.mark.parametrize("args, says", [
     (["--out", "/dev/null/results"], "--out=/dev/null/results: cannot write there"),
     (["--bank", "0"], "--bank=0: must be >= 1"),
+    (["--images", "4"], "--images=4: its fifth, the default held-out set, holds no image"),
     (["--set", "arch=vit_nope"], "Config.arch='vit_nope': must be one of")])
 def test_a_bad_argument_is_one_line_before_the_run_not_a_traceback_after_it(tmp_path, args, says):
     """An unwritable --out failed after the whole run (5.5 minutes on the lent GPU); --bank 0 recorded a bank

@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import pickle
 import random
 import re
 import subprocess
@@ -361,6 +362,10 @@ def test_a_checkpoint_in_the_format_before_torch_1_6_is_named_so_not_damaged(nb,
     for load in (nb.load_weights_file, nb.read_state_dict, nb.backbone_from_checkpoint):
         with pytest.raises(nb.CheckpointError, match=r"old_format.pth is in PyTorch's format before 1.6 .*re-save"):
             load(old)
+    other = tmp_path / "weights.pkl"   # a pickle, but not torch's: not called an older torch.save
+    other.write_bytes(pickle.dumps({"w": [0.0] * 3}, protocol=4))
+    with pytest.raises(nb.CheckpointError, match=r"weights.pkl is damaged: not a complete zip archive"):
+        nb.load_weights_file(other)
     cut = tmp_path / "cut.pth"
     torch.save({"pos_embed": torch.zeros(1, 5, 8)}, cut)
     cut.write_bytes(cut.read_bytes()[:-100])

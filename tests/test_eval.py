@@ -97,6 +97,31 @@ def test_a_class_whose_votes_round_to_zero_still_ranks_above_classes_without(nb)
         assert nb.knn_classify(train, train_labels, query, torch.tensor([5]), k=20, T=T, num_classes=6)[20] == (0.0, 0.0)
 
 
+@pytest.mark.parametrize("labels", [[0, 1, 2, 3, 4, 5, 6], [0, 6, 5, 4, 3, 2, 1]])
+def test_classes_whose_weights_round_to_zero_rank_by_similarity_not_by_label(nb, labels):
+    """With every other class's weight 0 in float32, the ranking among them fell to the label order: the
+    second-nearest neighbour's class made top-5 or not depending on its number."""
+    query, bank = torch.zeros(1, 8), [torch.eye(8)[0]]
+    query[0, 0] = 1
+    for i, c in enumerate([-0.20, -0.21, -0.22, -0.23, -0.24, -0.25]):
+        v = torch.zeros(8)
+        v[0], v[1 + i] = c, (1 - c * c) ** 0.5
+        bank.append(v)
+    bank, train_labels = torch.stack(bank), torch.tensor(labels)
+    second, sixth = torch.tensor([labels[1]]), torch.tensor([labels[6]])
+    for T in (0.07, 0.01, 1e-4):
+        assert nb.knn_classify(bank, train_labels, query, second, k=7, T=T)[7] == (0.0, 100.0)
+        assert nb.knn_classify(bank, train_labels, query, sixth, k=7, T=T)[7] == (0.0, 0.0)   # the farthest of 7 classes
+
+
+def test_k_may_be_any_sequence_of_ints(nb):
+    """k as a numpy array or a generator was refused ('k ... must be ints') after the k=20.0 check."""
+    feats, labels = torch.randn(30, 8, generator=torch.Generator().manual_seed(0)), torch.arange(30) % 3
+    expected = nb.knn_classify(feats[:20], labels[:20], feats[20:], labels[20:], k=(1, 5))
+    assert nb.knn_classify(feats[:20], labels[:20], feats[20:], labels[20:], k=np.array([1, 5])) == expected
+    assert nb.knn_classify(feats[:20], labels[:20], feats[20:], labels[20:], k=(x for x in (1, 5))) == expected
+
+
 def test_knn_tiny_temperature_does_not_underflow(nb):
     train, train_labels = directions([0, 40, 90]), torch.tensor([0, 1, 1])
     # with T = 1e-3, exp(s/T) overflows float32 and exp(-s/T) underflows; the ranking must survive

@@ -684,18 +684,29 @@ def test_split_folders_in_any_case_are_the_split_not_two_classes(nb, tmp_path, s
         assert nb.folder_split(tmp_path / "lone", "train", 0.25)[2] == ["cat", "dog"]
 
 
-def test_a_linked_held_out_folder_is_not_followed_out_of_the_data_root(nb, tmp_path):
-    """A val/ link beside train/ took its images from wherever it pointed, though links are not followed
-    (a lone linked train/ was refused): now train/ is a lone split and the link is skipped and named."""
-    two_class_split(tmp_path / "set", ["train"])
-    two_class_split(tmp_path / "elsewhere", ["val"], seed=5)
-    (tmp_path / "set" / "val").symlink_to(tmp_path / "elsewhere" / "val")
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always")
-        val = nb.folder_split(tmp_path / "set", "val", 0.34)
-    assert {Path(p).parts[-3] for p in val[0]} == {"train"} and val[2] == ["cat", "dog"]
-    assert all("elsewhere" not in str(p) for p in val[0])
-    assert any("skipped the link(s) ['val'] beside it (links are not followed)" in str(w.message) for w in said)
+@pytest.mark.parametrize("linked", ["val", "train"])
+def test_a_linked_split_folder_is_refused_by_name_not_followed_nor_made_a_class(nb, tmp_path, linked):
+    """A val/ link beside train/ took its images from wherever it pointed, though links are not followed;
+    then (for a while) a linked train/ beside val/ made val/ the only class, 'val'."""
+    two_class_split(tmp_path / "set", [s for s in ("train", "val") if s != linked])
+    two_class_split(tmp_path / "elsewhere", [linked], seed=5)
+    (tmp_path / "set" / linked).symlink_to(tmp_path / "elsewhere" / linked)
+    for split in ("train", "val"):
+        with pytest.raises(nb.DataError, match=f"its split folder {linked}/ is a link, and links are not followed"):
+            nb.folder_split(tmp_path / "set", split, 0.34)
+
+
+def test_class_folders_named_like_splits_beside_other_classes_stay_classes(nb, tmp_path):
+    """Split names in any case made Test/ and Train/ (images inside, beside dog/) a split: the classes went,
+    and dog/ was ignored."""
+    for c in ("Test", "dog", "Train"):
+        for i in range(3):
+            write_png(tmp_path / "set" / c / f"{i}.png", asymmetric(8, 8, seed=i))
+    assert nb.folder_split(tmp_path / "set", "train", 0.34)[2] == ["Test", "Train", "dog"]
+    two_class_split(tmp_path / "split", ["Train", "Test"])
+    write_png(tmp_path / "split" / "notes" / "0.png", asymmetric(8, 8))   # a folder beside real split folders
+    with pytest.warns(UserWarning, match=r"its own split, Train/ and Test/ \(held out\); ignored \['notes'\]"):
+        assert nb.folder_split(tmp_path / "split", "val", 0.1)[2] == ["cat", "dog"]
 
 
 def test_class_names_in_either_unicode_form_are_one_class(nb, tmp_path):
@@ -756,6 +767,9 @@ def test_the_first_readable_images_are_drawn_whatever_comes_before_them(nb, tmp_
         nb.attention_rows_for_files(small_vit, broken[2:], 0.6, 50)
     with pytest.raises(ValueError, match=r"img_size=16.0: must be a whole number of pixels >= 1"):
         nb.export_features(small_vit, good, tmp_path / "out", img_size=16.0)
+    with pytest.raises(ValueError, match=r"limit=0: must be None \(every file\) or a whole number >= 1"):
+        nb.attention_rows_for_files(small_vit, good, 0.6, 50, limit=0)
+    assert len(nb.attention_rows_for_files(small_vit, good, 0.6, 50, limit=np.int64(1))) == 1
 
 
 def test_unreadable_files_are_counted_on_every_run_and_an_unreadable_split_says_why(nb, tmp_path):
@@ -769,7 +783,8 @@ def test_unreadable_files_are_counted_on_every_run_and_an_unreadable_split_says_
             (tmp_path / "flat" / name).write_bytes(b"\xff\xd8\xff")
         else:
             write_png(tmp_path / "flat" / name, asymmetric(16, 16, seed=i))
-    build = lambda split: nb.ImageFolder(tmp_path / "flat", split, 16, 0.1, cache_dir=tmp_path / "c", workers=1)
+    build = lambda split: nb.ImageFolder(tmp_path / "flat", split, np.int64(16), 0.1, cache_dir=tmp_path / "c",
+                                         workers=1)   # a numpy size too: it went into the cache's JSON key
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable image\(s\) of 9"):
         assert len(build("train")) == 8
     with warnings.catch_warnings(record=True) as said:
@@ -779,3 +794,16 @@ def test_unreadable_files_are_counted_on_every_run_and_an_unreadable_split_says_
     with pytest.raises(nb.DataError, match=r"none of the 1 image file\(s\) of split 'val' could be read "
                                            r"\(val_fraction=0.1 .*chosen before they are decoded\): fix or remove"):
         build("val")
+
+
+def test_high_depth_images_keep_their_levels_whatever_their_range(nb):
+    """Converted in float32, a 32-bit image near 2**31 lost its levels (float32 steps by 256 there) and a float
+    image spanning -3e38..3e38 went black (its range overflowed to inf); 16-bit images are exact in float32."""
+    ramp = 2_147_483_000 + np.arange(0, 648, 8, dtype=np.int64).reshape(1, -1)
+    levels = np.asarray(nb._scaled_to_uint8(Image.fromarray(ramp.astype(np.int32))))[0]
+    expected = np.floor((ramp[0] - ramp.min()) / (ramp.max() - ramp.min()) * 255 + 0.5)
+    assert np.array_equal(levels, expected.astype(np.uint8))
+    wide = np.array([[-3e38, 1e38, 3e38, 0.0]], np.float32)
+    assert np.asarray(nb._scaled_to_uint8(Image.fromarray(wide)))[0].tolist() == [0, 170, 255, 128]
+    sixteen = np.array([[0, 257, 32768, 65535]], np.uint16)
+    assert np.asarray(nb._scaled_to_uint8(Image.fromarray(sixteen)))[0].tolist() == [0, 1, 128, 255]

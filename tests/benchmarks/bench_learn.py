@@ -159,6 +159,8 @@ def main():
     p.add_argument("--out", default=str(HERE / "results"))
     a = p.parse_args()
     check_at_least(p, a, images=1, val_images=1, bank=1, img_size=8)
+    if a.val_images is None and a.images < 5:
+        p.error(f"--images={a.images}: its fifth, the default held-out set, holds no image: give --val-images")
     if not a.minutes > 0:
         p.error(f"--minutes={a.minutes}: must be > 0")
     out = Path(a.out) / f"learn-{a.name}.json"

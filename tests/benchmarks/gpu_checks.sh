@@ -19,7 +19,7 @@
 # A session's lease is 15 device-minutes, the machine's start (1-3 minutes) included, at most 600 s a call, so
 # DEADLINE defaults to what each part may take of it: PART=speed 300 s, PART=learn 390 s (the learning run's
 # 5.5 minutes and the start of Python and CUDA; 540 s with the smoke test, GRAPHS unset), PART=all 570 s (it
-# then cuts what comes last). A step that fails, runs out of time or is not started because less time is left
+# then cuts what comes last, usually bench_train, and says so; so does PAPER=1 after a full learning run). A step that fails, runs out of time or is not started because less time is left
 # than it needs says so on a line of its own ("FAILED (exit N)", "FAILED (timed out after N s)", "skipped for
 # time"), and the script then ends with exit status 1, naming them. Each step's log is written line by line, so
 # a call killed at its limit still brings back what its last step printed.
