@@ -20,7 +20,8 @@ def main():
     a = p.parse_args()
     runs = [["bench_data.py"] + (["--n", "10000", "--reads", "10000"] if a.quick else []),
             ["bench_augment.py"], ["bench_knn.py"], ["bench_head_loss.py", "--device", "cpu"],
-            ["bench_train.py", "--device", "cpu"], ["bench_budget.py"], ["bench_readers.py"]]
+            ["bench_train.py", "--device", "cpu"], ["bench_budget.py"], ["bench_readers.py"],
+            ["check_attention_squash.py"]]
     try:
         import torch
         if torch.cuda.is_available():
