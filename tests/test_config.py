@@ -292,7 +292,8 @@ def test_repeated_set_options_add_up_and_text_fields_keep_their_text(nb, monkeyp
     def stop(profile, **overrides):
         made.update(overrides)
         raise Made
-    monkeypatch.setattr(torchrun_train, "load_notebook", lambda: type("NB", (), dict(make_config=stop, Config=nb.Config)))
+    monkeypatch.setattr(torchrun_train, "load_notebook",
+                        lambda: type("NB", (), dict(make_config=stop, Config=nb.Config, ConfigError=nb.ConfigError)))
     with pytest.raises(Made):
         torchrun_train.main(["--profile", "demo", "--set", "epochs=7", "--set", "batch_size=4", "run_name=123"])
     assert made == {"epochs": 7, "batch_size": 4, "run_name": "123"}
