@@ -193,6 +193,7 @@ def test_features_and_labels_that_do_not_match_are_refused_by_what_differs(nb, s
     (lambda nb, a: nb.knn_classify(*a, k=0), r"k, chunk_size and train_chunk_size must be ints >= 1 and T > 0, got k=0"),
     (lambda nb, a: nb.knn_classify(*a, k=20.0), r"got k=20.0"),
     (lambda nb, a: nb.knn_classify(*a, k=True), r"got k=True"),
+    (lambda nb, a: nb.knn_classify(*a, k=np.array(2.5)), r"got k=array\(2.5\)"),
     (lambda nb, a: nb.knn_classify(*a, chunk_size=0), r"chunk_size=0"),
     (lambda nb, a: nb.knn_classify(*a, train_chunk_size=0), r"train_chunk_size=0"),
     (lambda nb, a: nb.knn_classify(*a, num_classes=2), r"num_classes=2: must be an int above every label \(the largest is 2\)"),

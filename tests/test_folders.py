@@ -692,8 +692,11 @@ def test_a_linked_split_folder_is_refused_by_name_not_followed_nor_made_a_class(
     two_class_split(tmp_path / "elsewhere", [linked], seed=5)
     (tmp_path / "set" / linked).symlink_to(tmp_path / "elsewhere" / linked)
     for split in ("train", "val"):
-        with pytest.raises(nb.DataError, match=f"its split folder {linked}/ is a link, and links are not followed"):
+        with pytest.raises(nb.DataError, match=rf"its split folder\(s\) \['{linked}'\] are links, and links are not"):
             nb.folder_split(tmp_path / "set", split, 0.34)
+    two_class_split(tmp_path / "kaggle", ["train", "valid"])
+    (tmp_path / "kaggle" / "val").symlink_to(tmp_path / "kaggle" / "valid")   # a convenience link beside it
+    assert "own valid/" in nb.folder_split(tmp_path / "kaggle", "val", 0.1)[3]
 
 
 def test_class_folders_named_like_splits_beside_other_classes_stay_classes(nb, tmp_path):
@@ -703,6 +706,19 @@ def test_class_folders_named_like_splits_beside_other_classes_stay_classes(nb, t
         for i in range(3):
             write_png(tmp_path / "set" / c / f"{i}.png", asymmetric(8, 8, seed=i))
     assert nb.folder_split(tmp_path / "set", "train", 0.34)[2] == ["Test", "Train", "dog"]
+    for split in ("train", "val"):   # an unlabelled split beside a folder of notes: still the split
+        for i in range(4):
+            write_png(tmp_path / "flat" / split / f"{i}.png", asymmetric(8, 8, seed=i))
+    (tmp_path / "flat" / "notes").mkdir()
+    (tmp_path / "flat" / "notes" / "README.txt").write_text("how the images were taken")
+    assert [len(nb.folder_split(tmp_path / "flat", split, 0.25)[0]) for split in ("train", "val")] == [4, 4]
+    two_class_split(tmp_path / "raw", ["train"])   # ImageNet's raw layout: a flat val/ (its labels in a file)
+    for i in range(2):
+        write_png(tmp_path / "raw" / "val" / f"{i}.png", asymmetric(8, 8, seed=i))
+    (tmp_path / "raw" / "devkit").mkdir()
+    (tmp_path / "raw" / "devkit" / "labels.txt").write_text("0\n1\n")
+    with pytest.raises(nb.DataError, match="do not match"):
+        nb.folder_split(tmp_path / "raw", "val", 0.1)
     two_class_split(tmp_path / "split", ["Train", "Test"])
     write_png(tmp_path / "split" / "notes" / "0.png", asymmetric(8, 8))   # a folder beside real split folders
     with pytest.warns(UserWarning, match=r"its own split, Train/ and Test/ \(held out\); ignored \['notes'\]"):
