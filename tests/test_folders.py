@@ -699,7 +699,7 @@ def test_a_linked_split_folder_is_refused_by_name_not_followed_nor_made_a_class(
     assert "own valid/" in nb.folder_split(tmp_path / "kaggle", "val", 0.1)[3]
 
 
-def test_class_folders_named_like_splits_beside_other_classes_stay_classes(nb, tmp_path):
+def test_class_folders_named_like_splits_beside_other_classes_stay_classes(nb, tmp_path, monkeypatch):
     """Split names in any case made Test/ and Train/ (images inside, beside dog/) a split: the classes went,
     and dog/ was ignored."""
     for c in ("Test", "dog", "Train"):
@@ -719,6 +719,15 @@ def test_class_folders_named_like_splits_beside_other_classes_stay_classes(nb, t
     (tmp_path / "raw" / "devkit" / "labels.txt").write_text("0\n1\n")
     with pytest.raises(nb.DataError, match="do not match"):
         nb.folder_split(tmp_path / "raw", "val", 0.1)
+    (tmp_path / "flat" / "locked").mkdir()   # a folder that cannot be listed: passed over, not a crash
+    iterdir = Path.iterdir
+    def refuse_locked(folder):
+        if folder.name == "locked":
+            raise PermissionError(13, "Permission denied", str(folder))
+        return iterdir(folder)
+    monkeypatch.setattr(Path, "iterdir", refuse_locked)
+    assert [len(nb.folder_split(tmp_path / "flat", split, 0.25)[0]) for split in ("train", "val")] == [4, 4]
+    monkeypatch.undo()
     two_class_split(tmp_path / "split", ["Train", "Test"])
     write_png(tmp_path / "split" / "notes" / "0.png", asymmetric(8, 8))   # a folder beside real split folders
     with pytest.warns(UserWarning, match=r"its own split, Train/ and Test/ \(held out\); ignored \['notes'\]"):
