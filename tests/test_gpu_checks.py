@@ -133,3 +133,16 @@ def test_a_steps_log_is_written_while_it_runs(tmp_path):
     assert done.returncode == 0, done.stderr
     seen = (tmp_path / "seen").read_text().splitlines()
     assert seen[0].startswith("$ python3 tests/benchmarks/bench_learn.py") and seen[1:] == ["epoch 1: a line"]
+
+
+@pytest.mark.parametrize("script, args, says", [
+    ("bench_train.py", ["--steps", "0"], "--steps=0: must be >= 1"),
+    ("check_graphs.py", ["--steps", "0"], "--steps=0: must be >= 1"),
+    ("bench_learn.py", ["--name", "x", "--bank", "0"], "--bank=0: must be >= 1")])
+def test_the_scripts_it_runs_refuse_a_bad_count_in_one_line(script, args, says):
+    """bench_train.py called check_at_least without importing it: every run of it, the GPU call's included,
+    ended in a NameError before measuring anything (the stand-in python3 above never runs it)."""
+    import sys
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / script), *args], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from nbloader import load_notebook  # noqa: E402
+from nbloader import check_at_least, load_notebook  # noqa: E402
 
 
 def sync(device):
@@ -113,20 +113,19 @@ def main():
     gpu_run = device.type != "cpu" or a.gpu_path_on
     if not gpu_run and (a.archs or a.before or a.official):
         p.error("--archs, --before and --official are for the GPU run (--device cuda, or --gpu-path-on)")
-    nb, steps = load_notebook(), lambda default: default if a.steps is None else a.steps
+    nb, steps, failed = load_notebook(), lambda default: default if a.steps is None else a.steps, 0
     if a.compare and device.type == "cpu":
         compare_cpu(load_notebook(a.compare, name="dino_vit_other"), nb, a.rounds)
     elif a.gpu_path_on:
         failed = run_gpu(nb, torch.device(a.gpu_path_on), a.archs or ["vit_small"], steps(2), a.workers, a.batch,
                          a.variants, profile=False)
-        sys.exit(f"{failed} measurement(s) FAILED" if failed else 0)
     elif device.type == "cpu":
         run_cpu(nb, steps(3))
     else:
         old = load_notebook(a.before, name="dino_vit_before") if a.before else None
         failed = run_gpu(nb, device, a.archs or ["vit_tiny", "vit_small", "vit_base"], steps(20), a.workers,
                          a.batch, a.variants, old, a.official, not a.no_profile)
-        sys.exit(f"{failed} measurement(s) FAILED" if failed else 0)
+    sys.exit(f"{failed} measurement(s) FAILED" if failed else 0)
 
 
 def cpu_trainer(nb):
