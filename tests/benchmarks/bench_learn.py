@@ -24,7 +24,6 @@ import dataclasses
 import datetime
 import itertools
 import json
-import os
 import platform
 import shutil
 import sys
@@ -171,19 +170,19 @@ def main():
         p.error(f"--out={a.out}: cannot write there ({error})")
     nb = load_notebook()
     try:
-        device = torch.device(a.device)
-        cfg = shapes_config(nb, a.profile, a.img_size, **parse_overrides(a.set, nb.Config))
+        device, overrides = torch.device(a.device), parse_overrides(a.set, nb.Config)
+        cfg = shapes_config(nb, a.profile, a.img_size, **overrides)
     except (ValueError, RuntimeError) as error:   # ConfigError is a ValueError; a device torch does not know
         p.error(str(error))
     try:
-        run(nb, a, cfg, device, out)
+        run(nb, a, cfg, overrides, device, out)
     finally:
         shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)   # shapes_config's temporary folder
 
 
-def run(nb, a, cfg, device, out):
+def run(nb, a, cfg, overrides, device, out):
     """The run of main's arguments: the curve written to `out` (and its attention figure beside it)."""
-    overrides, start = parse_overrides(a.set, nb.Config), time.perf_counter()
+    start = time.perf_counter()
     train = nb.ShapesDataset(a.images, a.img_size, seed=1)
     val = nb.ShapesDataset(a.images // 5 if a.val_images is None else a.val_images, a.img_size, seed=2)
     made = time.perf_counter() - start
@@ -209,8 +208,7 @@ def run(nb, a, cfg, device, out):
                   epochs=[dict(epoch=0, **first, loss=None, entropy=None, kl=None, images_per_s=None)])
     print(f"{a.name}: {machine(device)}; raw pixels {raw:.1f}%; init {result['epochs'][0]}", flush=True)
     train_seconds, alarms, loader, last_jaccards = 0.0, [], None, first_jaccards
-    stack = contextlib.ExitStack()   # the readers stopped also when the run fails: Python's exit waits for them
-    with stack:
+    with contextlib.ExitStack() as stack:   # the readers stopped also when the run fails: Python's exit waits for them
         while trainer.epoch < cfg.epochs and train_seconds < 60 * a.minutes:
             rows, tick, images_seen = [], time.perf_counter(), 0
             if loader is None:   # one for the run, as train_dino's: its reader processes start once, timed here
@@ -243,9 +241,7 @@ def run(nb, a, cfg, device, out):
                   max_entropy=float(np.log(cfg.out_dim)), alarms=alarms,
                   attention_jaccard_gain=dict(mean=gain, se=gain_se))
     print(f"attention Jaccard gain over init, paired over the same images: {gain:+.3f} +- {gain_se:.3f}")
-    partial = out.with_name(f".{out.name}.{os.getpid()}")   # whole or not at all, as the notebook's files
-    partial.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(partial, out)
+    nb.atomic_write(out, lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))   # whole or not at all
     epochs = result["epochs"]
     attention_figure(nb, {"random init": (initial, epochs[0]["attention_jaccard"]),
                           f"trained, epoch {epochs[-1]['epoch']:g}": (trainer.teacher.backbone,
