@@ -2,13 +2,17 @@
 
 Tests, benchmarks and the multi-GPU launcher import the notebook's own code through this loader, so
 what they run is what the notebook defines. `DINO_NOTEBOOK` points it at another notebook file.
-`parse_overrides` reads the scripts' `--set key=value ...` Config overrides and `check_at_least` refuses a count
-below its least value: one spelling for all of them.
+`parse_overrides` reads the scripts' `--set key=value ...` Config overrides, `check_at_least` refuses a count
+below its least value, and `machine` and `bench_header` name the machine and the run that each benchmark's figures
+come from: one spelling for all of them.
 """
 import ast
 import dataclasses
+import datetime
 import json
 import os
+import platform
+import shlex
 import sys
 import types
 from pathlib import Path
@@ -80,3 +84,30 @@ def parse_overrides(pairs, config=None):
             except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):   # not that spelling
                 continue
     return out
+
+
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo on Linux, else what the platform says)."""
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine(device=None):
+    """What a figure was measured on: the GPU's name for a CUDA device, else the CPU model with its cores and
+    torch's threads; torch's version either way."""
+    import torch
+    if device is not None and torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return (f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads), "
+            f"torch {torch.__version__}")
+
+
+def bench_header(device=None):
+    """The first line a benchmark prints: the date and time (UTC), the machine and the command as run, so that
+    figures copied into tests/benchmarks/results/ say where, when and how they were measured."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = shlex.join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    return f"# {now}, {machine(device)}, command: {command}"

@@ -3,12 +3,15 @@ evidence is read from, each epoch with the keys asked of it (epoch 0 = random in
 null), and with --fit-epochs runs the settings the budget rule gives. Its learning figures are not checked
 here (they live in tests/benchmarks/results/), only that the command runs and writes what it says."""
 import json
+import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+import nbloader
 
 BENCH = Path(__file__).resolve().parent / "benchmarks" / "bench_learn.py"
 EPOCH_KEYS = {"epoch", "knn_top1", "loss", "entropy", "kl", "images_per_s", "attention_jaccard"}
@@ -25,7 +28,9 @@ def run_bench(tmp_path, *args):
 
 
 def test_it_writes_the_curve_with_every_key(tmp_path):
-    result, _ = run_bench(tmp_path, "--set", "epochs=2", "warmup_epochs=1", "--minutes", "2")
+    """...and its first line names the date, the machine and the command: figures copied into results/ carried
+    them only where someone had typed them in."""
+    result, out = run_bench(tmp_path, "--set", "epochs=2", "warmup_epochs=1", "--minutes", "2")
     assert {"machine", "device", "profile", "settings", "data", "minutes", "raw_pixel_knn"} <= set(result)
     assert result["settings"]["epochs"] == 2 and result["config"]["patch_size"] == 8
     assert [e["epoch"] for e in result["epochs"]] == [0, 1, 2]
@@ -33,6 +38,10 @@ def test_it_writes_the_curve_with_every_key(tmp_path):
     assert [result["epochs"][0][k] for k in ("loss", "entropy", "kl", "images_per_s")] == [None] * 4
     assert all(e["loss"] > 0 and e["images_per_s"] > 0 for e in result["epochs"][1:])
     assert (tmp_path / "learn-tiny-attention.jpg").stat().st_size > 0
+    first = out.splitlines()[0]
+    assert re.fullmatch(r"# \d{4}-\d\d-\d\d \d\d:\d\d UTC, .+ \(\d+ cores, \d+ threads\), torch \S+, command: "
+                        r"python tests/benchmarks/bench_learn\.py --name tiny .*", first), first
+    assert result["machine"] in first and nbloader.cpu_model() in first
 
 
 def test_fit_epochs_runs_the_budget_rules_settings(tmp_path):

@@ -146,3 +146,24 @@ def test_the_scripts_it_runs_refuse_a_bad_count_in_one_line(script, args, says):
     done = subprocess.run([sys.executable, str(SCRIPT.parent / script), *args], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_benchmark_starts_with_the_date_the_machine_and_the_command():
+    """The figures of bench_knn, bench_data and bench_head_loss named no machine and no date: whoever copied
+    them into results/ had to type both in, and the GPU call's logs would have lacked them."""
+    import re
+    import sys
+    script = SCRIPT.parent / "bench_head_loss.py"
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--batch", "2", "--out-dim", "64",
+                           "--steps", "1"], capture_output=True, text=True, timeout=120, cwd=SCRIPT.parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    first = done.stdout.splitlines()[0]
+    assert re.fullmatch(r"# \d{4}-\d\d-\d\d \d\d:\d\d UTC, .+ \(\d+ cores, \d+ threads\), torch \S+, command: python "
+                        r"tests/benchmarks/bench_head_loss\.py --device cpu --batch 2 --out-dim 64 --steps 1", first)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in SCRIPT.parent.glob("*.py") if p.name != "run_all.py"))
+def test_every_benchmark_prints_that_line(script):
+    """run_all.py only runs the others; each of them prints its figures after nbloader's bench_header."""
+    source = (SCRIPT.parent / script).read_text()
+    assert "print(bench_header(" in source and "from nbloader import bench_header" in source

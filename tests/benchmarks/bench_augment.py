@@ -20,7 +20,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nbloader import check_at_least, load_notebook  # noqa: E402
+from nbloader import bench_header, check_at_least, load_notebook  # noqa: E402
 
 BATCH = 256
 
@@ -74,12 +74,12 @@ def main():
     parser.add_argument("--gpu-repeats", type=int, default=50)
     args = parser.parse_args()
     check_at_least(parser, args, baseline_images=1, cpu_repeats=1, gpu_repeats=1)
+    print(bench_header(), flush=True)
     nb = load_notebook()
     rng = np.random.default_rng(0)
     batch = torch.from_numpy(rng.integers(0, 256, (BATCH, 3, 64, 64), dtype=np.uint8))
     pil_images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in batch[:args.baseline_images]]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads available, batch {BATCH}, "
-          f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    print(f"batch {BATCH}, GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     for profile in args.profiles:
         cfg = nb.make_config(profile)
         views = f"2x{cfg.global_crop_size} + {cfg.n_local_crops}x{cfg.local_crop_size}"

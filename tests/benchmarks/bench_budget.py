@@ -17,8 +17,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from bench_learn import machine, shapes_config  # noqa: E402
-from nbloader import check_at_least, load_notebook  # noqa: E402
+from bench_learn import shapes_config  # noqa: E402
+from nbloader import bench_header, check_at_least, load_notebook  # noqa: E402
 
 
 def main():
@@ -45,7 +45,8 @@ def main():
 def measure(nb, a, cfg, device):
     """epochs_for_budget's rate, a.repeats times with each minimum of timed seconds, and their spread."""
     train = nb.ShapesDataset(a.images, a.img_size, seed=1)
-    print(f"{machine(device)}; profile {a.profile}, {a.images} images at {a.img_size} px; "
+    print(bench_header(device), flush=True)
+    print(f"profile {a.profile}, {a.images} images at {a.img_size} px; "
           f"{a.minutes:g} minutes, {a.eval_seconds:g} s of evaluation an epoch, {a.workers} reader processes")
     rates = {"10 steps": [], f">= {a.min_seconds:g} s": []}
     for repeat in range(a.repeats):

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from nbloader import bench_header, load_notebook  # noqa: E402
 
 
 def rss_mb():
@@ -42,8 +44,6 @@ def write_file(root, n):
 
 
 def convert(root, cache):
-    sys.path.insert(0, str(HERE.parent))
-    from nbloader import load_notebook
     nb = load_notebook()
     before = rss_mb()
     t = time.perf_counter()
@@ -66,8 +66,6 @@ def epoch_seconds(images, seed):
 
 def read(root, cache, n_reads):
     import numpy as np
-    sys.path.insert(0, str(HERE.parent))
-    from nbloader import load_notebook
     nb = load_notebook()
     t = time.perf_counter()
     ds = nb.ImageNet64(root, "train", cache_dir=cache)
@@ -144,6 +142,7 @@ def main():
         raise SystemExit(f"--dir {a.dir} holds {others[:3]}, not only this benchmark's src/ and cache/: "
                          f"give a new or empty folder")
     remove_folders(a.dir, root, cache)
+    print(bench_header(), flush=True)
     t = time.perf_counter()
     subprocess.run([sys.executable, __file__, "--child", "write", str(root), "--n", str(a.n)], check=True)
     print(f"wrote {a.n} images in the official pickle format in {time.perf_counter() - t:.1f} s")

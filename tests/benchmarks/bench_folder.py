@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from nbloader import bench_header, load_notebook  # noqa: E402
 
 
 def write_jpegs(args):
@@ -49,8 +51,6 @@ def make_folder(folder, n):
 
 def build(folder, cache, size, workers):
     """Child process: build both splits' caches; images/s and peak RSS of this process and its workers."""
-    sys.path.insert(0, str(HERE.parent))
-    from nbloader import load_notebook
     nb = load_notebook()
     shutil.rmtree(cache, ignore_errors=True)
     t = time.perf_counter()
@@ -64,8 +64,6 @@ def build(folder, cache, size, workers):
 
 def draft_effect(folder, size, n=1000):
     """One core: nb.load_square (draft + bicubic) against a full decode + the same bicubic resize."""
-    sys.path.insert(0, str(HERE.parent))
-    from nbloader import load_notebook
     from PIL import Image
     nb = load_notebook()
     paths = sorted(folder.rglob("*.jpg"))[:n]
@@ -104,6 +102,7 @@ def main():
         fn = {"build": build, "draft": draft_effect}[name]
         print(json.dumps(fn(*[Path(r) if isinstance(r, str) else r for r in rest])))
         return
+    print(bench_header(), flush=True)
     cores = len(os.sched_getaffinity(0))
     root = Path(args.dir)
     t = time.perf_counter()

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nbloader import bench_header, load_notebook  # noqa: E402
 
 
 def measure(split, batch, out_dim, crops, steps, device):
-    from nbloader import load_notebook
     nb = load_notebook()
     torch.manual_seed(0)
     head = nb.DINOHead(384, out_dim, norm_last_layer=False).to(device)
@@ -56,6 +56,7 @@ def main():
     if a.one:
         print(json.dumps(measure(a.one == "split", a.batch, a.out_dim, a.crops, a.steps, torch.device(a.device))))
         return
+    print(bench_header(a.device), flush=True)
     logits_mib = a.crops * a.batch * a.out_dim * 4 / 2**20
     print(f"loss + last layer, forward and backward: {a.crops} crops x batch {a.batch} x out_dim {a.out_dim} "
           f"on {a.device} ({torch.get_num_threads()} threads), torch {torch.__version__}; "

@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(TESTS))
+from nbloader import bench_header, load_notebook  # noqa: E402
+
 CHUNKINGS = [(512, 32768), (2048, 32768), (512, 8192), (512, 131072)]  # (queries, train features) per block
 
 
@@ -25,8 +28,6 @@ def peak_rss_mb():
 
 
 def child(args):
-    sys.path.insert(0, str(TESTS))
-    from nbloader import load_notebook
     import torch
     nb = load_notebook()
     gen = torch.Generator().manual_seed(0)
@@ -55,6 +56,7 @@ def child(args):
 
 
 def main(args):
+    print(bench_header(args.device), flush=True)
     print(f"k-NN: {args.queries:,} queries x {args.train:,} stored features, width {args.dim}, "
           f"{args.classes} classes, k = 10/20/100/200, device {args.device}")
     print(f"(a full similarity matrix would take {args.queries * args.train * 4 / 2**30:.1f} GiB; "

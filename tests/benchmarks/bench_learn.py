@@ -24,7 +24,6 @@ import dataclasses
 import datetime
 import itertools
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -36,15 +35,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from nbloader import check_at_least, load_notebook, parse_overrides  # noqa: E402
-
-
-def machine(device):
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), platform.processor() or "CPU")
-    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+from nbloader import bench_header, check_at_least, load_notebook, machine, parse_overrides  # noqa: E402
 
 
 def shapes_config(nb, profile, img_size, **overrides):
@@ -206,7 +197,8 @@ def run(nb, a, cfg, overrides, device, out):
                             classes=len(nb.SHAPE_CLASSES), seconds_to_make=round(made, 1)),
                   command=" ".join(sys.argv), raw_pixel_knn=raw,
                   epochs=[dict(epoch=0, **first, loss=None, entropy=None, kl=None, images_per_s=None)])
-    print(f"{a.name}: {machine(device)}; raw pixels {raw:.1f}%; init {result['epochs'][0]}", flush=True)
+    print(bench_header(device), flush=True)
+    print(f"{a.name}: raw pixels {raw:.1f}%; init {result['epochs'][0]}", flush=True)
     train_seconds, alarms, loader, last_jaccards = 0.0, [], None, first_jaccards
     with contextlib.ExitStack() as stack:   # the readers stopped also when the run fails: Python's exit waits for them
         while trainer.epoch < cfg.epochs and train_seconds < 60 * a.minutes:

@@ -19,8 +19,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from bench_learn import machine, shapes_config  # noqa: E402
-from nbloader import load_notebook  # noqa: E402
+from bench_learn import shapes_config  # noqa: E402
+from nbloader import bench_header, load_notebook, machine  # noqa: E402
 
 
 def one_run(a):
@@ -62,6 +62,7 @@ def main():
     a = p.parse_args()
     if a.one is not None:
         return one_run(a)
+    print(bench_header(), flush=True)
     failed = 0
     for notebook in ([a.compare] if a.compare else []) + [None]:
         env = {k: v for k, v in os.environ.items() if k != "DINO_NOTEBOOK"}

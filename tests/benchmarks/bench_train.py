@@ -11,7 +11,6 @@ Run: python tests/benchmarks/bench_train.py [--device cuda] [--archs vit_tiny vi
      notebook, interleaved; e.g. OLD.ipynb from `git show <commit>:dino_vit.ipynb > OLD.ipynb`)
 """
 import math
-import platform
 import statistics
 import argparse
 import sys
@@ -25,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from nbloader import check_at_least, load_notebook  # noqa: E402
+from nbloader import bench_header, check_at_least, load_notebook  # noqa: E402
 
 
 def sync(device):
@@ -113,6 +112,7 @@ def main():
     gpu_run = device.type != "cpu" or a.gpu_path_on
     if not gpu_run and (a.archs or a.before or a.official):
         p.error("--archs, --before and --official are for the GPU run (--device cuda, or --gpu-path-on)")
+    print(bench_header(device), flush=True)
     nb, steps, failed = load_notebook(), lambda default: default if a.steps is None else a.steps, 0
     if a.compare and device.type == "cpu":
         compare_cpu(load_notebook(a.compare, name="dino_vit_other"), nb, a.rounds)
@@ -135,13 +135,6 @@ def cpu_trainer(nb):
     return nb.DINOTrainer(cfg, 10_000, torch.device("cpu"))
 
 
-def cpu_model():
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def compare_cpu(old_nb, new_nb, rounds):
     """Median wall and process-CPU seconds per step of two notebooks' steps, alternating step by step, so
     that both see the same load on a shared machine; the ratio is old / new."""
@@ -159,7 +152,7 @@ def compare_cpu(old_nb, new_nb, rounds):
     c = time.process_time()
     peak = {"wall": matmul_rate(torch.device("cpu"), torch.float32, 2048)}
     peak["CPU"] = 2 * 2048 ** 3 * 13 / (time.process_time() - c)   # matmul_rate: 3 warm-up + 10 timed products
-    print(f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; {rounds} interleaved "
+    print(f"{rounds} interleaved "
           f"rounds; vit_tiny/8, batch 32, 2x64 + 6x32 crops, out_dim 4096, float32; {flops / 1e9:.0f} GFLOP/step")
     print(f"  measured matmul (2048^3): {peak['wall'] / 1e9:.1f} GFLOP/s of wall time, "
           f"{peak['CPU'] / 1e9:.1f} GFLOP/s of CPU time")

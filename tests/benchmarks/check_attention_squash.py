@@ -8,7 +8,6 @@ reference code* quotes it.
     python tests/benchmarks/check_attention_squash.py [--checkpoint checkpoints/demo_vit_tiny8.pth]
 """
 import argparse
-import datetime
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nbloader import load_notebook  # noqa: E402
+from nbloader import bench_header, load_notebook  # noqa: E402
 
 
 def main():
@@ -31,7 +30,8 @@ def main():
     teacher = nb.backbone_from_checkpoint(a.checkpoint)
     teacher = (teacher[0] if isinstance(teacher, tuple) else teacher).eval()
     side = 4 * cfg.img_size
-    print(f"{datetime.date.today()}, torch {torch.__version__}; {a.checkpoint}, photographs with the long side "
+    print(bench_header(), flush=True)
+    print(f"{a.checkpoint}, photographs with the long side "
           f"{side} px, masks holding {cfg.attn_threshold} of the mass")
     for name in nb.ATTENTION_PHOTOS:
         photo = nb.photo_for_attention(name, side)

@@ -21,7 +21,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from nbloader import check_at_least, load_notebook  # noqa: E402
+from nbloader import bench_header, check_at_least, load_notebook  # noqa: E402
 
 STEPS_PER_EPOCH = 4
 
@@ -53,6 +53,7 @@ def main():
                              drop_path_rate=0.0, compile=False, checkpoint_dir="/tmp/check_graphs")
     except nb.ConfigError as error:
         p.error(str(error))
+    print(bench_header(device), flush=True)
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 256, (a.batch, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8,
                              generator=generator) for _ in range(a.steps)]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nbloader import load_notebook  # noqa: E402
+from nbloader import bench_header, load_notebook  # noqa: E402
 
 SETTINGS = dict(arch="vit_tiny", patch_size=16, img_size=64, out_dim=256, head_hidden_dim=64,
                 head_bottleneck_dim=32, batch_size=4, n_local_crops=2, epochs=4, warmup_epochs=1,
@@ -95,6 +95,7 @@ def main():
     if not 1 <= a.steps <= SETTINGS["epochs"] * ITERS_PER_EPOCH:
         raise SystemExit(f"--steps {a.steps}: must be 1 to {SETTINGS['epochs'] * ITERS_PER_EPOCH}")
     torch.set_num_threads(1)
+    print(bench_header(), flush=True)
     sys.path.insert(0, str(official))   # their main_dino, utils and vision_transformer
     nb = load_notebook()
     import torch.distributed as dist
