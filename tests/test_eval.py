@@ -1,5 +1,6 @@
 """Weighted k-NN, feature extraction and export, and the linear probe."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -203,12 +204,15 @@ def test_features_and_labels_that_do_not_match_are_refused_by_what_differs(nb, s
     (lambda nb, a: nb.knn_classify(*a, k=5, T=float("nan")), r"T=nan"),
     (lambda nb, a: nb.linear_probe(*a, epochs=0), r"epochs and batch_size must be ints >= 1 and lr > 0, got epochs=0"),
     (lambda nb, a: nb.linear_probe(*a, batch_size=0), r"batch_size=0"),
+    (lambda nb, a: nb.linear_probe(*a, epochs=True), r"got epochs=True"),
+    (lambda nb, a: nb.linear_probe(*a, num_classes=True), r"num_classes=True: must be an int"),
     (lambda nb, a: nb.linear_probe(*a, lr=float("nan")), r"lr=nan"),
     (lambda nb, a: nb.linear_probe(*a, lr=-0.1), r"lr=-0.1")])
 def test_settings_that_score_nothing_are_refused_not_scored(nb, call, says):
     """k=0 and T=0 scored 0%; a probe of 0 epochs or a NaN learning rate scored its untrained classifier;
     k=20.0 raised "'float' object is not iterable", chunk sizes 0 "range() arg 3 must not be zero", and a
-    num_classes below a label an index error that did not name it."""
+    num_classes below a label an index error that did not name it; the probe took epochs=True for one epoch,
+    where k-NN refused k=True."""
     feats, labels = torch.randn(30, 8, generator=torch.Generator().manual_seed(0)), torch.arange(30) % 3
     with pytest.raises(ValueError, match=says):
         call(nb, (feats[:20], labels[:20], feats[20:], labels[20:]))
@@ -431,3 +435,18 @@ def test_the_mean_patch_token_leaves_the_registers_out(nb):
     assert tokens.shape[1] == 1 + 4 + 16
     assert torch.equal(features[:, :48], tokens[:, 0])
     assert (features[:, 48:] - tokens[:, 5:].mean(dim=1)).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("args, says", [
+    (dict(n_last_blocks=0), "n_last_blocks=0: needs images, batch_size >= 1 and 1 <= n_last_blocks <= 12 blocks"),
+    (dict(n_last_blocks=13), "n_last_blocks=13"),
+    (dict(batch_size=0), "batch_size=0"),
+    (dict(batch_size=2.0), "batch_size=2.0")])
+def test_features_of_blocks_the_network_lacks_are_refused_by_name(nb, args, says):
+    """n_last_blocks=0 raised a bare IndexError, 13 of 12 blocks returned 12 CLS tokens, not the 13 asked (a
+    probe's width then differed from the one its head was built for), batch_size=0 'range() arg 3 must not be
+    zero'."""
+    model, images = nb.vit_tiny(patch_size=16), torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        nb.extract_features(model, images, **args)
+    assert nb.extract_features(model, images, n_last_blocks=12, batch_size=2).shape == (3, 12 * 192)
