@@ -289,3 +289,34 @@ def test_the_other_ranks_wait_for_a_conversion_longer_than_the_process_groups_ti
     large folder's conversion stopped them partway, and every relaunch converted from the start again."""
     run_two_ranks(WAIT_SCRIPT, tmp_path)
     assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["('train', 'val')"] * 2
+
+
+def sinkhorn_rank(nb, rank, scores, init_file, results):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        results.put((rank, nb.sinkhorn_knopp(scores[rank * 4:(rank + 1) * 4].clone())))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_sinkhorn_centring_over_two_ranks_equals_one_process_with_the_whole_batch(nb, tmp_path):
+    """DINOv2's centring sums each prototype's mass over the global batch (logsumexp_over_samples's
+    all_reduce of the peak and of the sum): only a torchrun run with centering='sinkhorn_knopp' took that
+    path, and no test did."""
+    import multiprocessing
+    scores = torch.randn(8, 50, generator=torch.Generator().manual_seed(0)) * 5
+    scores[5, 7] = 80.0   # one prototype's peak on rank 1 alone: ranks that did not share it would differ
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    ranks = [context.Process(target=sinkhorn_rank, args=(nb, r, scores, tmp_path / "init", results)) for r in (0, 1)]
+    for process in ranks:
+        process.start()
+    halves = dict(results.get(timeout=120) for _ in ranks)
+    for process in ranks:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    together, alone = torch.cat([halves[0], halves[1]]), nb.sinkhorn_knopp(scores.clone())
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+    assert (together - alone).abs().max() < 1e-5 < (together - torch.cat([nb.sinkhorn_knopp(scores[:4].clone()),
+                                                                      nb.sinkhorn_knopp(scores[4:].clone())])).abs().max()
