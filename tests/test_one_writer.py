@@ -161,6 +161,26 @@ def test_the_lock_is_refused_within_one_process_and_free_again_after(nb, tmp_pat
         pass
 
 
+def test_a_file_system_without_locks_trains_with_a_warning_and_keeps_no_descriptor(nb, tmp_path, monkeypatch):
+    """NFS without its lock daemon fails flock with ENOLCK ("No locks available"): training stopped with that
+    bare OSError, naming neither the run nor the lock file, and each try kept train.lock open."""
+    import errno
+    from tiny_run import SETTINGS, Data
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(nb.fcntl, "flock", no_locks)
+    open_fds = lambda: len(os.listdir("/proc/self/fd"))
+    before = open_fds()
+    cfg = nb.make_config("demo", checkpoint_dir=str(tmp_path), **SETTINGS, epochs=1, eval_every_epochs=1)
+    with pytest.warns(UserWarning, match=r"train\.lock: this file system takes no locks, so a second trainer"):
+        nb.train_dino(cfg, Data(), Data(), torch.device("cpu"), progress=False)
+    assert (nb.run_directory(cfg) / "last.pth").is_file() and open_fds() == before
+    with pytest.warns(UserWarning, match="takes no locks"), nb.run_lock(tmp_path / "run") as path:
+        assert path.read_text().startswith(f"PID {os.getpid()} on host ")   # who trains, though unguarded
+    assert path.read_text() == "" and open_fds() == before
+
+
 @pytest.mark.parametrize("mmap", [False, True])
 def test_a_reader_loads_the_file_it_checked_though_the_trainer_replaces_it_meanwhile(nb, tmp_path, monkeypatch, mmap):
     last, newer = tmp_path / "last.pth", tmp_path / ".last.pth.0123456789abcdef.tmp"
