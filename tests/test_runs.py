@@ -63,6 +63,29 @@ def test_unreadable_settings_name_the_file(nb, tmp_path):
             nb.run_directory(cfg)
 
 
+def test_a_run_recorded_before_a_setting_existed_is_the_same_run_after_an_upgrade(nb, tmp_path, capsys):
+    """settings.json of a run trained before centering and koleo_weight existed lacks them: after a git pull its
+    settings looked changed, so the run was trained again from the start in another folder, and evaluation
+    looked for a teacher there ('run the Training section first') beside the finished one."""
+    cfg = tiny(nb, tmp_path)
+    run_dir = nb.record_settings(cfg, nb.run_directory(cfg))
+    older = {k: v for k, v in nb.run_settings(cfg).items() if k not in ("centering", "koleo_weight")}
+    (run_dir / "settings.json").write_text(json.dumps(older))
+    assert nb.run_directory(cfg, verbose=True) == run_dir and capsys.readouterr().out == ""
+    with_koleo = dataclasses.replace(cfg, koleo_weight=0.1)   # no older version trained with KoLeo: another run
+    assert nb.run_directory(with_koleo, verbose=True) != run_dir
+    assert "{'koleo_weight': (0.0, 0.1)}" in capsys.readouterr().out
+
+
+def test_an_unfinished_runs_missing_teacher_names_the_checkpoint_that_can_be_evaluated(nb, tmp_path):
+    cfg = dataclasses.replace(tiny(nb, tmp_path), demo_checkpoint=str(tmp_path / "absent.pth"))
+    run_dir = nb.record_settings(cfg, nb.run_directory(cfg))
+    (run_dir / "last.pth").write_bytes(b"an unfinished run's checkpoint")
+    with pytest.raises(nb.NotTrainedYet, match=rf"run the Training section first, or evaluate its newest checkpoint "
+                                               rf"as it is: evaluate_file='{run_dir / 'last.pth'}'"):
+        nb.trained_teacher(cfg, torch.device("cpu"))
+
+
 def test_trained_teacher_comes_from_a_finished_run_only(nb, tmp_path):
     cfg = dataclasses.replace(tiny(nb, tmp_path), demo_checkpoint=str(tmp_path / "absent.pth"))
     with pytest.raises(FileNotFoundError, match="run the Training section"):

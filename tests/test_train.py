@@ -696,7 +696,8 @@ def test_a_run_whose_data_changed_is_not_resumed_on_the_new_schedule(nb, tmp_pat
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     for n in (24, 12):   # grown: 6 steps an epoch; shrunk: 3, so step 6 would end the run
         with pytest.raises(nb.ConfigError, match=rf"last.pth: a run on 16 training images, but the data now give "
-                                                 rf"{n} .*: restore the data to resume it, or train anew under"):
+                                                 rf"{n} .*: restore the data \(or the notebook version that read them so\) to resume it, or "
+                                                 rf"train anew under"):
             nb.train_dino(cfg, Data(n=n), Data(n=n), torch.device("cpu"), progress=False)
         assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
     resumed, _ = nb.train_dino(cfg, Data(n=16), Data(n=16), torch.device("cpu"), progress=False)
@@ -704,6 +705,24 @@ def test_a_run_whose_data_changed_is_not_resumed_on_the_new_schedule(nb, tmp_pat
     with pytest.raises(nb.ConfigError, match=r"a finished run on 16 training images, but the data now give 24 .*: "
                                              r"its teacher.pth is still evaluated as it is; to train on these data"):
         nb.train_dino(cfg, Data(n=24), Data(n=24), torch.device("cpu"), progress=False)
+
+
+def test_an_older_checkpoint_that_does_not_count_its_images_is_not_resumed_on_another_schedule(nb, tmp_path):
+    """Files written before train_images was recorded resumed on whatever the data gave: a folder whose test/
+    an older notebook had read as a class, now a held-out split, went on at its step with other epochs, images
+    and labels. Their epoch and batch say how many steps their epochs had."""
+    cfg = tiny_cfg(nb, tmp_path)   # 16 images: 4 steps an epoch; stopped at step 6 = epoch 1, batch 2
+    nb.train_dino(cfg, Data(n=16), Data(n=16), torch.device("cpu"), max_steps=6, progress=False)
+    last = tmp_path / "ck" / cfg.run_name / "last.pth"
+    state = torch.load(last, weights_only=False)
+    for key in ("train_images", "data_images"):
+        del state[key]
+    torch.save(state, last)
+    with pytest.raises(nb.ConfigError, match=r"last.pth: its step 6 is batch 2 of epoch 1, but this run has 6 steps an "
+                                             r"epoch .*: the data, or how this notebook reads them, changed"):
+        nb.train_dino(cfg, Data(n=24), Data(n=24), torch.device("cpu"), progress=False)
+    resumed, _ = nb.train_dino(cfg, Data(n=16), Data(n=16), torch.device("cpu"), progress=False)
+    assert resumed.step == 8
 
 
 def test_a_capped_run_whose_data_changed_is_not_resumed_on_other_images(nb, tmp_path):
@@ -716,7 +735,8 @@ def test_a_capped_run_whose_data_changed_is_not_resumed_on_other_images(nb, tmp_
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     with pytest.raises(nb.ConfigError, match=r"last.pth: a run on 12 training images an epoch of 16, but the data now "
                                              r"give 12 training images an epoch of 20 .*; its steps would draw other "
-                                             r"images: restore the data to resume it"):
+                                             r"images: restore the data \(or the notebook version that read them so\) to "
+                                             r"resume it"):
         nb.train_dino(cfg, Data(n=20), Data(n=20), torch.device("cpu"), progress=False)
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
     resumed, _ = nb.train_dino(cfg, Data(n=16), Data(n=16), torch.device("cpu"), progress=False)
