@@ -1,7 +1,7 @@
 """ImageNet-64 cache: build from one full-size train file, then epochs and random-access reads.
 
 Writes a synthetic train_data_batch_1 of 128,116 images (the official size, ~1.57 GB) in the official
-pickle format, converts it in a fresh process (seconds, MB/s, peak RSS), then, in another fresh process,
+pickle format, converts it in a fresh process (seconds, MiB/s, peak RSS), then, in another fresh process,
 reads epochs as training does (every image once, in sorted batches of 256 of a random order): through a
 plain memmap, and through the checked images, whose first epoch hashes the blocks still to check (the
 cost of the lazy checks): a 1/128 sample of the blocks (at least one) while the image file is sealed,
@@ -133,7 +133,8 @@ def main():
         fn = {"write": write_file, "convert": convert, "read": read}[mode]
         args = [Path(rest[0])] + ([Path(rest[1])] if len(rest) > 1 else [])
         result = fn(*args, a.reads) if mode == "read" else fn(*args) if mode == "convert" else fn(args[0], a.n)
-        print(json.dumps(result))
+        if result is not None:   # the write mode returns nothing
+            print(json.dumps(result))
         return
     root, cache = Path(a.dir) / "src", Path(a.dir) / "cache"
     others = sorted(p.name for p in Path(a.dir).iterdir() if p.name not in ("src", "cache")) \
@@ -153,11 +154,11 @@ def main():
         os.fsync(dst.fileno())
     disk_mb_s = (root / "train_data_batch_1").stat().st_size / 2**20 / (time.perf_counter() - t)
     (Path(a.dir) / "copy").unlink()
-    print(f"disk reference: copying the source file (read + write + fsync) runs at {disk_mb_s:.0f} MB/s")
+    print(f"disk reference: copying the source file (read + write + fsync) runs at {disk_mb_s:.0f} MiB/s")
     c = child("convert", root, cache)
-    print(f"cache build: {c['images']} images, {c['source_mb']:.0f} MB in {c['seconds']:.1f} s = "
-          f"{c['mb_per_s']:.0f} MB/s; peak RSS {c['peak_rss_mb']:.0f} MB "
-          f"({c['peak_rss_mb'] / c['source_mb']:.2f}x the source file)")
+    print(f"cache build: {c['images']} images, {c['source_mb']:.0f} MiB in {c['seconds']:.1f} s = "
+          f"{c['mb_per_s']:.0f} MiB/s; peak RSS {c['peak_rss_mb']:.0f} MiB, {c['rss_before_mb']:.0f} before "
+          f"(the conversion's own: {(c['peak_rss_mb'] - c['rss_before_mb']) / c['source_mb']:.2f}x the source file)")
     r = child("read", root, cache)
     b, e = r["rss_before"], r["rss_after"]
     print(f"open cached split: {r['open_s'] * 1000:.0f} ms (content samples of the source included)")
@@ -179,8 +180,8 @@ def main():
           f"{r['resealed_sample']} block(s)")
     print(f"random access, {a.reads} indices: {r['single_images_per_s']:,.0f} images/s one by one, "
           f"{r['batch256_images_per_s']:,.0f} images/s in sorted batches of 256")
-    print(f"RSS before/after reads: anonymous {b['anon']:.0f} -> {e['anon']:.0f} MB (flat in N), "
-          f"memmap file pages {b['file']:.0f} -> {e['file']:.0f} MB (page cache, reclaimable)")
+    print(f"RSS before/after reads: anonymous {b['anon']:.0f} -> {e['anon']:.0f} MiB (flat in N), "
+          f"memmap file pages {b['file']:.0f} -> {e['file']:.0f} MiB (page cache, reclaimable)")
     remove_folders(a.dir, root, cache)
 
 

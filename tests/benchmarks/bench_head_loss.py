@@ -1,7 +1,8 @@
 """The DINO loss from the student's logits against the same loss formed per crop from the last layer's
 inputs (ChunkedHeadCrossEntropy, what the training step runs): time of forward + backward through the
-last layer and the loss, and peak memory, each in a fresh process, at the imagenet64 shapes
-(2 global + 10 local crops, out_dim 65,536, bottleneck 256).
+DINO head (its MLP and last layer) and the loss, and the peak memory they add to what their inputs and
+weights hold (the process's baseline, about 0.55 GiB of Python and torch on a CPU, left out), each in a fresh
+process, at the imagenet64 shapes (2 global + 10 local crops, out_dim 65,536, bottleneck 256).
 Run: python tests/benchmarks/bench_head_loss.py [--batch 64] [--device cpu|cuda] [--steps 5]
 """
 import argparse
@@ -28,6 +29,11 @@ def measure(split, batch, out_dim, crops, steps, device):
     teacher = torch.randn(2 * batch, out_dim, device=device)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:   # the peak so far: the interpreter, torch, the notebook, the inputs and the head
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: KiB
     times = []
     for step in range(steps + 1):
         sync()
@@ -41,7 +47,7 @@ def measure(split, batch, out_dim, crops, steps, device):
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return dict(loss=loss.item(), seconds=sorted(times[1:])[len(times[1:]) // 2], peak_bytes=peak)
+    return dict(loss=loss.item(), seconds=sorted(times[1:])[len(times[1:]) // 2], peak_bytes=peak - before)
 
 
 def main():
@@ -58,7 +64,7 @@ def main():
         return
     print(bench_header(a.device), flush=True)
     logits_mib = a.crops * a.batch * a.out_dim * 4 / 2**20
-    print(f"loss + last layer, forward and backward: {a.crops} crops x batch {a.batch} x out_dim {a.out_dim} "
+    print(f"DINO head and loss, forward and backward: {a.crops} crops x batch {a.batch} x out_dim {a.out_dim} "
           f"on {a.device} ({torch.get_num_threads()} threads), torch {torch.__version__}; "
           f"the student's logits in float32: {logits_mib:.0f} MiB")
     results = {}
@@ -67,7 +73,7 @@ def main():
                              stdout=subprocess.PIPE, text=True).stdout   # its errors go to the terminal
         results[kind] = json.loads(out.strip().splitlines()[-1])
         r = results[kind]
-        print(f"  {kind:6s}: loss {r['loss']:.6f}, {1000 * r['seconds']:.0f} ms, peak memory "
+        print(f"  {kind:6s}: loss {r['loss']:.6f}, {1000 * r['seconds']:.0f} ms, peak memory above the inputs' "
               f"{r['peak_bytes'] / 2**20:.0f} MiB{' (process RSS)' if a.device == 'cpu' else ''}")
     l, s = results["logits"], results["split"]
     print(f"  split / logits: time {s['seconds'] / l['seconds']:.2f}x, peak memory "

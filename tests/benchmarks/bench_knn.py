@@ -71,7 +71,7 @@ def main(args):
                 if k in ("device", "queries", "train", "dim", "classes")]
         line = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=os.environ).stdout   # errors shown
         r = json.loads(line.strip().splitlines()[-1])
-        block = chunk * train_chunk * 4 / 2**20
+        block = min(chunk, args.queries) * min(train_chunk, args.train) * 4 / 2**20   # no block outgrows the data
         print(f"{chunk:>11} {train_chunk:>11} {block:>9.0f} {r['seconds']:>8.2f} {r['rss_delta_mb']:>9.0f}"
               + (f" {r['cuda_peak_mb']:>9.0f}" if "cuda_peak_mb" in r else "") + f"  {r['top1_k20']:.2f}%")
 
