@@ -50,6 +50,7 @@ def test_fit_epochs_runs_the_budget_rules_settings(tmp_path):
     result, out = run_bench(tmp_path, "--fit-epochs", "--minutes", "0.5", "--set", "epochs=1000", "warmup_epochs=999")
     fitted = result["fitted"]   # the budget holds far fewer than 1,000 epochs on any CPU, and at least one
     assert "fit:" in out and 1 <= fitted["epochs"] < 1000
+    assert out.splitlines()[0].startswith("# ") and "command: python tests/benchmarks/bench_learn.py" in out.splitlines()[0]
     assert fitted["settings"]["epochs"] == result["config"]["epochs"] == fitted["epochs"]
     assert result["config"]["warmup_epochs"] == fitted["epochs"] - 1
 

@@ -65,8 +65,7 @@ def main():
     print(bench_header(a.device), flush=True)
     logits_mib = a.crops * a.batch * a.out_dim * 4 / 2**20
     print(f"DINO head and loss, forward and backward: {a.crops} crops x batch {a.batch} x out_dim {a.out_dim} "
-          f"on {a.device} ({torch.get_num_threads()} threads), torch {torch.__version__}; "
-          f"the student's logits in float32: {logits_mib:.0f} MiB")
+          f"on {a.device}; the student's logits in float32: {logits_mib:.0f} MiB")
     results = {}
     for kind in ("logits", "split"):
         out = subprocess.run([sys.executable, __file__, "--one", kind] + sys.argv[1:], check=True,

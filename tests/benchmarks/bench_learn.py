@@ -173,6 +173,7 @@ def main():
 
 def run(nb, a, cfg, overrides, device, out):
     """The run of main's arguments: the curve written to `out` (and its attention figure beside it)."""
+    print(bench_header(device), flush=True)   # before the first figure, --fit-epochs' included
     start = time.perf_counter()
     train = nb.ShapesDataset(a.images, a.img_size, seed=1)
     val = nb.ShapesDataset(a.images // 5 if a.val_images is None else a.val_images, a.img_size, seed=2)
@@ -197,7 +198,6 @@ def run(nb, a, cfg, overrides, device, out):
                             classes=len(nb.SHAPE_CLASSES), seconds_to_make=round(made, 1)),
                   command=" ".join(sys.argv), raw_pixel_knn=raw,
                   epochs=[dict(epoch=0, **first, loss=None, entropy=None, kl=None, images_per_s=None)])
-    print(bench_header(device), flush=True)
     print(f"{a.name}: raw pixels {raw:.1f}%; init {result['epochs'][0]}", flush=True)
     train_seconds, alarms, loader, last_jaccards = 0.0, [], None, first_jaccards
     with contextlib.ExitStack() as stack:   # the readers stopped also when the run fails: Python's exit waits for them

@@ -183,8 +183,7 @@ def run_cpu(nb, steps):
     flops = flops_per_image(nb, trainer, batch)
     rate = step_rate(nb, trainer, repeat(batch), steps)
     peak = matmul_rate(device, torch.float32, 2048)
-    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}: vit_tiny/8, 2x64 + 6x32 crops, "
-          f"batch 32, out_dim 4096, float32")
+    print("vit_tiny/8, 2x64 + 6x32 crops, batch 32, out_dim 4096, float32")   # the machine: bench_header's line
     print(f"  full step: {rate:.2f} images/s; {flops / 1e9:.2f} GFLOP/image (forward + backward, as run)")
     print(f"  achieved {rate * flops / 1e9:.1f} GFLOP/s vs measured matmul {peak / 1e9:.1f} GFLOP/s "
           f"= {100 * rate * flops / peak:.0f}% (goal >= 90%)")
