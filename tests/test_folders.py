@@ -734,6 +734,28 @@ def test_class_folders_named_like_splits_beside_other_classes_stay_classes(nb, t
         assert nb.folder_split(tmp_path / "split", "val", 0.1)[2] == ["cat", "dog"]
 
 
+def test_hidden_files_and_links_beside_a_flat_split_do_not_make_its_folders_classes(nb, tmp_path):
+    """macOS leaves a ._0.png of metadata beside each photo it copies, and links are not followed: a folder of
+    only these beside flat Train/ and Test/ made the two folders classes, and the k-NN scored which split an
+    image came from (the same files made no class in the listing)."""
+    for split in ("Train", "Test"):
+        for i in range(4):
+            write_png(tmp_path / "set" / split / f"{i}.png", asymmetric(8, 8, seed=i))
+    (tmp_path / "set" / "extras").mkdir()
+    (tmp_path / "set" / "extras" / "._0.png").write_bytes(b"\0\5\26\7" + bytes(60))   # AppleDouble's header
+    (tmp_path / "set" / "extras" / "1.png").symlink_to(tmp_path / "set" / "Train" / "0.png")
+    with pytest.warns(UserWarning, match=r"its own split, Train/ and Test/ \(held out\); ignored \['extras'\]"):
+        train = nb.folder_split(tmp_path / "set", "train", 0.1)
+    val = nb.folder_split(tmp_path / "set", "val", 0.1)
+    assert train[2] == val[2] == [] and [len(train[0]), len(val[0])] == [4, 4]
+    assert {Path(p).parent.name for p in val[0]} == {"Test"}
+    assert nb.loose_images(tmp_path / "set" / "extras") == []
+    for i in (2, 3):   # real images there: the three folders are classes
+        write_png(tmp_path / "set" / "extras" / f"{i}.png", asymmetric(8, 8, seed=i))
+    assert nb.loose_images(tmp_path / "set" / "extras") == [tmp_path / "set" / "extras" / f"{i}.png" for i in (2, 3)]
+    assert nb.folder_split(tmp_path / "set", "train", 0.1)[2] == ["Test", "Train", "extras"]
+
+
 def test_class_names_in_either_unicode_form_are_one_class(nb, tmp_path):
     """macOS stores 'café' decomposed (NFD), Linux as typed (NFC): train/café and val/café did 'not match',
     in an error that showed the same two names; without a split they were two classes of one name."""
