@@ -31,7 +31,7 @@ demo: setup
 
 ## test: nbval re-executes the notebook (checked cells compared) and the unit tests run
 test: setup
-	$(PYTEST) --nbval-lax --sanitize-with tests/sanitize.cfg $(NOTEBOOK) tests/
+	$(PYTEST) --nbval-lax --nbval-sanitize-with tests/sanitize.cfg $(NOTEBOOK) tests/
 
 ## notebook: re-execute the notebook in place, as it is committed (progress bars end as one line each)
 notebook: setup

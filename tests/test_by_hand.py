@@ -108,17 +108,21 @@ def run_definitions_above(kernel, title):
                 kernel.run_ok(src)
 
 
-def run_section_alone(title, overrides):
-    """A fresh kernel: Setup, the definitions above `title`, then every cell of the section; then each of its
-    checked cells (`# NBVAL_CHECK_OUTPUT`) once more, which must print what it printed (three drew from a
-    generator or the global random state that the first run had moved on)."""
+def run_section_alone(title, overrides, first=()):
+    """A fresh kernel: Setup, the definitions above `title`, then every cell of the section (the cells in
+    `first` right after the section's definitions, the others in order); then each of its checked cells
+    (`# NBVAL_CHECK_OUTPUT`) once more, which must print what it printed (three drew from a generator or the
+    global random state that the first run had moved on)."""
     kernel = start_with_setup(overrides)
     try:
         run_definitions_above(kernel, title)
-        printed = {src: kernel.run_ok(src) for src in dict(SECTIONS)[title]}
-        for src, first in printed.items():
+        sources = dict(SECTIONS)[title]
+        definitions = [src for src in sources if is_export(src)]
+        rest = [src for src in sources if src not in definitions and src not in first]
+        printed = {src: kernel.run_ok(src) for src in definitions + list(first) + rest}
+        for src, first_printed in printed.items():
             if src.startswith("# NBVAL_CHECK_OUTPUT"):
-                assert kernel.run_ok(src) == first, f"printed otherwise when run again:\n{src[:300]}"
+                assert kernel.run_ok(src) == first_printed, f"printed otherwise when run again:\n{src[:300]}"
     finally:
         kernel.close()
 
@@ -128,12 +132,27 @@ def test_a_section_needs_only_the_definitions_above_it(title, shared_dirs, tmp_p
     run_section_alone(title, small_overrides(shared_dirs, tmp_path))
 
 
+def names_read(src):
+    """The names a cell reads that it does not assign itself (in any scope: enough for these cells)."""
+    names = [node for node in ast.walk(ast.parse(src)) if isinstance(node, ast.Name)]
+    return ({n.id for n in names if isinstance(n.ctx, ast.Load)} - {n.id for n in names if isinstance(n.ctx, ast.Store)})
+
+
+TRAIN_CELL = "= train_dino(cfg, train_set"
+TRAINING = dict(SECTIONS)["Training"]
+TRAIN_CELL_SOURCE = next(src for src in TRAINING if TRAIN_CELL in src)
+NOT_OF_THE_RUN = [src for src in TRAINING[TRAINING.index(TRAIN_CELL_SOURCE) + 1:]   # the budget, the demo
+                  if not is_export(src) and not names_read(src) & {"trainer", "history"}]   # checkpoint's longer
+#                                                                              run, the switched-off runs
+
+
 @pytest.fixture(scope="module")
 def training_section_run(shared_dirs, tmp_path_factory):
-    """The Training section alone (as the test above), whose run is also the straight run the interrupted
-    one is compared with below."""
+    """The Training section alone (as the test above), the cells after its train cell that do not show its
+    run first, right after its definitions: with no train cell run, no earlier illustration; its run is
+    also the straight run the interrupted one is compared with below."""
     root = tmp_path_factory.mktemp("straight")
-    run_section_alone("Training", small_overrides(shared_dirs, root))
+    run_section_alone("Training", small_overrides(shared_dirs, root), first=NOT_OF_THE_RUN)
     return root / "checkpoints" / "demo"
 
 
@@ -141,29 +160,13 @@ def test_the_training_section_needs_only_the_definitions_above_it(training_secti
     assert (training_section_run / "teacher.pth").is_file()
 
 
-def names_read(src):
-    """The names a cell reads that it does not assign itself (in any scope: enough for these cells)."""
-    names = [node for node in ast.walk(ast.parse(src)) if isinstance(node, ast.Name)]
-    return ({n.id for n in names if isinstance(n.ctx, ast.Load)} - {n.id for n in names if isinstance(n.ctx, ast.Store)})
-
-
-def test_after_the_train_cell_only_the_cells_that_show_its_run_need_it(shared_dirs, tmp_path):
+def test_after_the_train_cell_only_the_cells_that_show_its_run_need_it(training_section_run):
     """The budget, the demo checkpoint's longer run and the switched-off runs read the train_set that only the
     Train cell made: before it, or in a fresh kernel, they failed with 'run the first code cell of its
-    section', a schedule plot that does not make it."""
-    cells = dict(SECTIONS)["Training"]
-    train_cell = next(src for src in cells if "train_dino(" in src and not is_export(src))
-    others = [src for src in cells[cells.index(train_cell) + 1:]
-              if not is_export(src) and not names_read(src) & {"trainer", "history"}]
-    assert not any(names_read(src) & {"train_set", "val_set"} for src in others)
-    kernel = start_with_setup(small_overrides(shared_dirs, tmp_path))
-    try:
-        run_definitions_above(kernel, "Evaluation")   # every definition of Training too, no Train cell
-        for src in others:
-            kernel.run_ok(src)
-    finally:
-        kernel.close()
-    assert len(others) >= 4
+    section', a schedule plot that does not make it. The section's run above ran them before its train cell."""
+    assert not any(names_read(src) & {"train_set", "val_set"} for src in NOT_OF_THE_RUN)
+    assert len(NOT_OF_THE_RUN) >= 4 and all(TRAINING.index(src) > TRAINING.index(TRAIN_CELL_SOURCE)
+                                            for src in NOT_OF_THE_RUN)
 
 
 def test_the_crash_checks_run_whatever_the_profile_logs_and_reads_with(shared_dirs, tmp_path):
@@ -195,9 +198,6 @@ def section_cells(title, until=None):
             return cells
     assert until is None, f"no cell of section {title!r} contains {until!r}"
     return cells
-
-
-TRAIN_CELL = "= train_dino(cfg, train_set"
 
 
 def start_training_kernel(overrides):
