@@ -375,6 +375,31 @@ def test_interrupt_saves_then_stops_and_resumes(nb, tmp_path, monkeypatch, signa
     assert t.step == 8 and signal.getsignal(signal_number) is handler   # the handler given back after the run
 
 
+@pytest.mark.parametrize("max_steps, says", [(None, "interrupted as the run ended: .*teacher.pth is saved"),
+                                              (4, "interrupted at step 4; saved .*last.pth")])
+def test_a_ctrl_c_during_the_last_k_nn_stops_the_run_not_dropped(nb, tmp_path, monkeypatch, max_steps, says):
+    """A Ctrl-C held while the last epoch's k-NN ran came after the loop's last look: it was dropped, the cell
+    returned as if nothing happened, and the kill check (or Jupyter's "Run All") went on below it."""
+    cfg, data, real_evaluate = tiny_cfg(nb, tmp_path), Data(), nb.evaluate
+    last = max_steps or 8
+
+    def interrupted_in_the_last_evaluation(trainer, *args):
+        if trainer.step == last:
+            os.kill(os.getpid(), signal.SIGINT)   # held by the run's handler until it looks
+        return real_evaluate(trainer, *args)
+    monkeypatch.setattr(nb, "evaluate", interrupted_in_the_last_evaluation)
+    with pytest.raises(KeyboardInterrupt, match=says):
+        nb.train_dino(cfg, data, data, torch.device("cpu"), max_steps=max_steps, progress=False)
+    monkeypatch.undo()
+    run_dir = tmp_path / "ck" / cfg.run_name
+    assert torch.load(run_dir / "last.pth", weights_only=True)["step"] == last
+    assert (run_dir / "teacher.pth").is_file() == (max_steps is None)
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "epoch_end"] == [4, 8][:last // 4]   # the epoch was ended
+    trainer, _ = nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
+    assert trainer.step == 8 and (run_dir / "teacher.pth").is_file()
+
+
 def test_a_ctrl_c_whose_traceback_is_kept_leaves_no_reader_running(nb, tmp_path, monkeypatch):
     """Jupyter keeps a cell's last error, and with it the run's frames and their loader: its reader processes
     went on running beside the kernel, two more with each interrupted re-run."""
@@ -382,6 +407,19 @@ def test_a_ctrl_c_whose_traceback_is_kept_leaves_no_reader_running(nb, tmp_path,
     monkeypatch.setattr(nb, "train_step", lambda t, images, read: (
         os.kill(os.getpid(), signal.SIGINT) if t.step == 2 else None, real_step(t, images, read))[1])
     with pytest.raises(KeyboardInterrupt, match="step 3") as kept:
+        nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
+    assert kept.tb is not None and multiprocessing.active_children() == []
+
+
+def test_a_ctrl_c_while_the_readers_start_leaves_none_running(nb, tmp_path, monkeypatch):
+    """The readers were started before the run held Ctrl-C: one that came while they forked (Jupyter's stop,
+    a second or two into the kill check) was lost, and the run went on to its end; two raised inside the
+    loader's start, with nothing saved, and the readers started so far ran on beside the kernel (and Python's
+    exit waited for them)."""
+    cfg, data, real_start = tiny_cfg(nb, tmp_path, num_workers=2), Data(), nb.start_reader
+    monkeypatch.setattr(nb, "start_reader", lambda worker_id: (   # in the first forked reader, as it starts
+        real_start(worker_id), worker_id == 0 and os.kill(os.getppid(), signal.SIGINT)))
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 1; saved") as kept:
         nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
     assert kept.tb is not None and multiprocessing.active_children() == []
 
