@@ -112,7 +112,7 @@ def run_section_alone(title, overrides, first=()):
     """A fresh kernel: Setup, the definitions above `title`, then every cell of the section (the cells in
     `first` right after the section's definitions, the others in order); then each of its checked cells
     (`# NBVAL_CHECK_OUTPUT`) once more, which must print what it printed (three drew from a generator or the
-    global random state that the first run had moved on)."""
+    global random state that the first run had moved on). Returns what the section's cells printed."""
     kernel = start_with_setup(overrides)
     try:
         run_definitions_above(kernel, title)
@@ -125,6 +125,7 @@ def run_section_alone(title, overrides, first=()):
                 assert kernel.run_ok(src) == first_printed, f"printed otherwise when run again:\n{src[:300]}"
     finally:
         kernel.close()
+    return "".join(printed.values())
 
 
 @pytest.mark.parametrize("title", [title for title in TITLES[1:] if title != "Training"])
@@ -146,18 +147,29 @@ NOT_OF_THE_RUN = [src for src in TRAINING[TRAINING.index(TRAIN_CELL_SOURCE) + 1:
 #                                                                              run, the switched-off runs
 
 
+def training_overrides(shared, run_root):
+    """small_overrides with 2 reader processes, as the GPU profiles read: the kill check's forked run and
+    Jupyter's stop button must leave none of them behind (the killed run's readers kept its lock, so the
+    resume was refused)."""
+    return small_overrides(shared, run_root, num_workers=2)
+
+
 @pytest.fixture(scope="module")
 def training_section_run(shared_dirs, tmp_path_factory):
     """The Training section alone (as the test above), the cells after its train cell that do not show its
     run first, right after its definitions: with no train cell run, no earlier illustration; its run is
     also the straight run the interrupted one is compared with below."""
     root = tmp_path_factory.mktemp("straight")
-    run_section_alone("Training", small_overrides(shared_dirs, root), first=NOT_OF_THE_RUN)
-    return root / "checkpoints" / "demo"
+    printed = run_section_alone("Training", training_overrides(shared_dirs, root), first=NOT_OF_THE_RUN)
+    return dict(run=root / "checkpoints" / "demo", printed=printed)
 
 
 def test_the_training_section_needs_only_the_definitions_above_it(training_section_run):
-    assert (training_section_run / "teacher.pth").is_file()
+    assert (training_section_run["run"] / "teacher.pth").is_file()
+    printed = training_section_run["printed"]   # its kill and damage checks, with reader processes
+    assert "killed with SIGKILL after" in printed
+    assert "largest difference between the two runs' states (networks, centres, AdamW, generators): 0" in printed
+    assert "the run went on to step 4" in printed
 
 
 def test_after_the_train_cell_only_the_cells_that_show_its_run_need_it(training_section_run):
@@ -167,26 +179,6 @@ def test_after_the_train_cell_only_the_cells_that_show_its_run_need_it(training_
     assert not any(names_read(src) & {"train_set", "val_set"} for src in NOT_OF_THE_RUN)
     assert len(NOT_OF_THE_RUN) >= 4 and all(TRAINING.index(src) > TRAINING.index(TRAIN_CELL_SOURCE)
                                             for src in NOT_OF_THE_RUN)
-
-
-def test_the_crash_checks_run_whatever_the_profile_logs_and_reads_with(shared_dirs, tmp_path):
-    """The kill and damage checks with the logging and reader processes of the other profiles (a step row
-    every tenth step, readers forked): the kill check waited for five logged steps, so its run ended first
-    and the cell failed before the train cell; then the killed run's readers kept its lock, so the resume
-    was refused."""
-    overrides = small_overrides(shared_dirs, tmp_path, log_every_steps=10, num_workers=2)
-    kernel = start_with_setup(overrides)
-    try:
-        run_definitions_above(kernel, "Training")
-        printed = ""
-        for src in section_cells("Training", until=TRAIN_CELL)[:-1]:
-            if is_export(src) or "crash_check_runs(cfg" in src:
-                printed += kernel.run_ok(src)
-    finally:
-        kernel.close()
-    assert "killed with SIGKILL after" in printed
-    assert "largest difference between the two runs' states (networks, centres, AdamW, generators): 0" in printed
-    assert "the run went on to step 4" in printed
 
 
 def section_cells(title, until=None):
@@ -228,14 +220,14 @@ def interrupted_and_straight_runs(shared_dirs, tmp_path_factory, training_sectio
     (Jupyter's stop button) at its first logged step and then re-run. The interrupted kernel stays up
     for the tests below."""
     interrupted_root = tmp_path_factory.mktemp("interrupted")
-    kernel, train_cell = start_training_kernel(small_overrides(shared_dirs, interrupted_root))
+    kernel, train_cell = start_training_kernel(training_overrides(shared_dirs, interrupted_root))
     log = interrupted_root / "checkpoints" / "demo" / "log.jsonl"
     msg_id = kernel.client.execute(train_cell)
     wait_until(lambda: log.exists() and log.read_text().count('"kind": "step"') >= 1)
     interrupted_at = kernel.interrupt(msg_id).get("evalue", "")
     resumed = kernel.run_ok(train_cell)
     yield dict(kernel=kernel, train_cell=train_cell, interrupted_at=interrupted_at, resumed=resumed,
-               straight=training_section_run, interrupted=interrupted_root / "checkpoints" / "demo",
+               straight=training_section_run["run"], interrupted=interrupted_root / "checkpoints" / "demo",
                root=interrupted_root)
     kernel.close()
 

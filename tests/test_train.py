@@ -270,10 +270,12 @@ def test_the_crash_checks_train_two_epochs_of_four_steps_on_a_folder_of_ten_imag
         for i in range(5):
             image = np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)
             Image.fromarray(image).save(tmp_path / "photos" / name / f"{i}.png")
-    cfg = nb.make_config("demo", data_root=str(tmp_path / "photos"), cache_dir=str(tmp_path / "cache"))
-    assert len(nb.load_datasets(cfg, verbose=False)[0]) == 8
-    trainer, _ = nb.crash_check_runs(cfg, str(tmp_path / "runs"))("straight")
+    cfg = nb.make_config("demo", data_root=str(tmp_path / "photos"), cache_dir=str(tmp_path / "cache"),
+                         log_every_steps=10)   # a profile that logs every tenth step: the check still waits
+    assert len(nb.load_datasets(cfg, verbose=False)[0]) == 8   # for five logged steps of eight
+    trainer, rows = nb.crash_check_runs(cfg, str(tmp_path / "runs"))("straight")
     assert (trainer.iters_per_epoch, trainer.step) == (4, 8)
+    assert [row["step"] for row in rows if row["kind"] == "step"] == list(range(1, 9))
 
 
 def test_kill_during_save_keeps_previous_checkpoint(nb, tmp_path, monkeypatch):
