@@ -142,9 +142,10 @@ def names_read(src):
 TRAIN_CELL = "= train_dino(cfg, train_set"
 TRAINING = dict(SECTIONS)["Training"]
 TRAIN_CELL_SOURCE = next(src for src in TRAINING if TRAIN_CELL in src)
-NOT_OF_THE_RUN = [src for src in TRAINING[TRAINING.index(TRAIN_CELL_SOURCE) + 1:]   # the budget, the demo
-                  if not is_export(src) and not names_read(src) & {"trainer", "history"}]   # checkpoint's longer
-#                                                                              run, the switched-off runs
+# the cells after the train cell that do not show its run: the budget, the demo checkpoint's longer run,
+# the switched-off runs
+NOT_OF_THE_RUN = [src for src in TRAINING[TRAINING.index(TRAIN_CELL_SOURCE) + 1:]
+                  if not is_export(src) and not names_read(src) & {"trainer", "history"}]
 
 
 def training_overrides(shared, run_root):
