@@ -19,7 +19,8 @@ TESTS = Path(__file__).resolve().parent
 CHILD = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
-from tiny_run import SETTINGS, nb, train as train_run
+from tiny_run import nb, train as train_run
+from tiny_settings import SETTINGS
 cfg = nb.make_config("demo", **SETTINGS, epochs=2, eval_every_epochs=2, **json.loads(sys.argv[2]))
 ack = int(sys.argv[4]) if len(sys.argv) > 4 else None
 

@@ -22,7 +22,8 @@ TESTS = Path(__file__).resolve().parent
 SERVER = r"""
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
-from tiny_run import SETTINGS, nb, train
+from tiny_run import nb, train
+from tiny_settings import SETTINGS
 folder = sys.argv[2]
 
 def say(line):   # one write of a whole line: the server's and its trainers' lines never interleave in the pipe
@@ -166,23 +167,14 @@ def test_a_file_system_without_locks_trains_with_a_warning_and_keeps_no_descript
     bare OSError, naming neither the run nor the lock file, and each try kept train.lock open."""
     import errno
 
-    import numpy as np
-
-    class Data:   # tiny_run's, not imported: importing it would load a second notebook module under dino_vit
-        images = np.random.default_rng(0).integers(0, 256, (12, 3, 64, 64), dtype=np.uint8)
-        labels = np.arange(12) % 4
-
-        def __len__(self):
-            return 12
+    from tiny_settings import SETTINGS, Data   # tiny_run's, without its second notebook module
 
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
     monkeypatch.setattr(nb.fcntl, "flock", no_locks)
     open_fds = lambda: len(os.listdir("/proc/self/fd"))
     before = open_fds()
-    cfg = nb.make_config("demo", checkpoint_dir=str(tmp_path), patch_size=16, out_dim=64, head_hidden_dim=32,
-                         head_bottleneck_dim=16, batch_size=4, n_local_crops=2, max_train_images=0, warmup_epochs=1,
-                         epochs=1, eval_every_epochs=1)
+    cfg = nb.make_config("demo", checkpoint_dir=str(tmp_path), **SETTINGS, epochs=1, eval_every_epochs=1)
     with pytest.warns(UserWarning, match=r"train\.lock: this file system takes no locks, so a second trainer"):
         nb.train_dino(cfg, Data(), Data(), torch.device("cpu"), progress=False)
     assert (nb.run_directory(cfg) / "last.pth").is_file() and open_fds() == before
