@@ -186,7 +186,6 @@ def test_reading_a_cache_never_needs_to_write(nb, built, monkeypatch):
 
 def killed_writer(target, signal_number):
     """A process that writes `target` with atomic_write, killed by `signal_number` halfway: its temp file."""
-    import signal
     import subprocess
     import sys
     script = f"""import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
@@ -254,7 +253,6 @@ def test_a_killed_conversions_decoders_neither_keep_its_lock_nor_outlive_it(nb, 
     """The image decoders are forked while the cache's temp file is open and locked: they held its lock, so
     after a SIGKILL of the conversion (the OOM killer) the file was never taken, and they waited for work
     forever. They close their copy, and die with their parent."""
-    import signal
     import subprocess
     import sys
     import psutil

@@ -1,6 +1,5 @@
 """Points where the notebook follows the authors' reference code (main_dino.py, utils.py, eval_linear.py)
 rule for rule; each test writes the reference's rule out by hand and compares."""
-import numpy as np
 import pytest
 import torch
 

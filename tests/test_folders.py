@@ -457,7 +457,7 @@ def test_load_datasets_prints_the_count_of_every_class(nb, tmp_path, capsys):
                          local_crop_size=8, cache_dir=str(tmp_path / "c"))
     train, val = nb.load_datasets(cfg, verbose=False)
     out = capsys.readouterr().out
-    assert f"train 51 / val 6 images (val_fraction=0.1 of each class" in out and "at least 1" in out
+    assert "train 51 / val 6 images (val_fraction=0.1 of each class" in out and "at least 1" in out
     assert "3 classes" in out and "held out per class (val/all): cat 2/22, dog 3/31, owl 1/4" in out
     assert np.bincount(val.labels).tolist() == [2, 3, 1]
 

@@ -102,7 +102,7 @@ def read(root, cache, n_reads):
     single_s = time.perf_counter() - t
     t = time.perf_counter()
     for start in range(0, n_reads, 256):
-        batch = ds.images[np.sort(idx[start:start + 256])]
+        ds.images[np.sort(idx[start:start + 256])]  # one sorted fancy read of 256 images
     batch_s = time.perf_counter() - t
     after = rss_mb()
     return {"open_s": open_s, "plain_epoch_s": plain_s, "sealed_epoch_s": sealed_s, "touched_epoch_s": touched_s,
