@@ -33,10 +33,11 @@ TITLES = [title for title, _ in SECTIONS]
 
 
 class Kernel:
-    """A real kernel, started in the repository root, that runs cells and reports errors and output."""
+    """A real kernel, started in the repository root (as Jupyter and nbconvert start it: in the notebook's
+    folder) or in `cwd`, that runs cells and reports errors and output."""
 
-    def __init__(self):
-        self.manager, self.client = start_new_kernel(kernel_name="python3", cwd=str(ROOT))
+    def __init__(self, cwd=ROOT):
+        self.manager, self.client = start_new_kernel(kernel_name="python3", cwd=str(cwd))
 
     def run(self, code, timeout=600):
         """(error or None, printed text): an error is 'Name: message'."""
@@ -180,6 +181,26 @@ def test_after_the_train_cell_only_the_cells_that_show_its_run_need_it(training_
     assert not any(names_read(src) & {"train_set", "val_set"} for src in NOT_OF_THE_RUN)
     assert len(NOT_OF_THE_RUN) >= 4 and all(TRAINING.index(src) > TRAINING.index(TRAIN_CELL_SOURCE)
                                             for src in NOT_OF_THE_RUN)
+
+
+def test_a_kernel_run_elsewhere_is_told_so_and_the_measured_curves_say_they_are_missing(tmp_path):
+    """papermill runs the kernel in the folder it is called from: there the settings cell names that folder,
+    and the cell of the measured learning curves, which stopped such a run with a FileNotFoundError, says
+    which files it misses; the notebook's own folder gets neither."""
+    curve_cells = [src for src in TRAINING
+                   if "learn-cpu-short16-val5k.json" in src or "plot_learning_curves(curves)" in src]
+    assert len(curve_cells) == 2
+    for folder in (tmp_path, ROOT):
+        kernel = Kernel(cwd=folder)
+        try:
+            setup = "".join(kernel.run_ok(src) for src in SECTIONS[0][1])
+            curves = "".join(kernel.run_ok(src) for src in curve_cells)
+        finally:
+            kernel.close()
+        elsewhere = folder == tmp_path
+        assert (f"note: the working folder {tmp_path.resolve()} is not this notebook's" in setup) == elsewhere
+        assert ("holds no learn-cpu-short16-val5k.json" in curves) == elsewhere
+        assert ("short, seed 2: k-NN" in curves) != elsewhere
 
 
 def section_cells(title, until=None):

@@ -312,3 +312,12 @@ def test_a_missing_value_says_which_cell_makes_it(nb):
     with pytest.raises(RuntimeError, match="no data set loaded: run the cell that makes it again"):
         nb.require(nb.Missing("data set"), "data set")
     assert nb.require(0, "zero") == 0
+
+
+def test_a_working_folder_without_the_projects_files_gets_a_note_that_names_it(nb, tmp_path):
+    note = nb.working_folder_note(tmp_path)
+    assert str(tmp_path.resolve()) in note and "--cwd" in note and "data/, checkpoints/ and figures/" in note
+    assert nb.working_folder_note(Path(__file__).resolve().parent.parent) is None   # the project's folder
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "demo_vit_tiny8.pth").write_bytes(b"")   # one of its files: the project, pruned
+    assert nb.working_folder_note(tmp_path) is None
