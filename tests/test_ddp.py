@@ -140,6 +140,40 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_pat
     assert all(line.startswith("stopped: non-finite loss at step 0") for line in said), said
 
 
+RESUME_SCRIPT = """
+import dataclasses, os, sys
+from pathlib import Path
+import torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from nbloader import load_notebook
+from test_train import Data, tiny_cfg
+nb = load_notebook()
+dist.init_process_group("gloo")
+rank, tmp, data, cpu = dist.get_rank(), Path({tmp!r}), Data(), torch.device("cpu")
+shared = tiny_cfg(nb, tmp)
+nb.train_dino(shared, data, data, cpu, rank, 2, max_steps=2, progress=False)   # last.pth at step 2
+cfg = shared if rank == 0 else dataclasses.replace(shared, checkpoint_dir=str(tmp / "node1"))   # rank 1: its own disk
+try:
+    nb.train_dino(cfg, data, data, cpu, rank, 2, progress=False)
+    said = "trained on"
+except nb.CheckpointError as error:
+    said = f"refused: {{error}}"
+open(tmp / f"rank{{rank}}.txt", "w").write(said)
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_that_resume_at_different_steps_are_refused_not_left_waiting(tmp_path):
+    """A rank that reads a checkpoint_dir of its own (a node's local disk) starts at step 0 while rank 0
+    resumes at step 2: each then waited for the other in a different all-reduce until gloo's timeout. Every
+    rank now stops at once and says which steps the ranks stand at."""
+    run_two_ranks(RESUME_SCRIPT, tmp_path)
+    said = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert said[0].startswith("refused: rank 0 resumed from ") and "last.pth at step 2" in said[0], said
+    assert said[1].startswith(f"refused: rank 1 found no checkpoint (step 0) in {tmp_path / 'node1'}"), said
+    assert all("the ranks stand between step 0 and step 2" in s for s in said), said
+
+
 SHARE_SCRIPT = """
 import os, sys
 import numpy as np, torch, torch.distributed as dist
