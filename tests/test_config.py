@@ -319,5 +319,5 @@ def test_a_working_folder_without_the_projects_files_gets_a_note_that_names_it(n
     assert str(tmp_path.resolve()) in note and "--cwd" in note and "data/, checkpoints/ and figures/" in note
     assert nb.working_folder_note(Path(__file__).resolve().parent.parent) is None   # the project's folder
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "demo_vit_tiny8.pth").write_bytes(b"")   # one of its files: the project, pruned
+    (tmp_path / "checkpoints" / "demo_vit_tiny8.pth").write_bytes(b"")   # the project, one of its two files left
     assert nb.working_folder_note(tmp_path) is None

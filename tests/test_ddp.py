@@ -141,7 +141,7 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_pat
 
 
 RESUME_SCRIPT = """
-import dataclasses, os, sys
+import dataclasses, sys
 from pathlib import Path
 import torch, torch.distributed as dist
 sys.path.insert(0, {tests!r})
