@@ -708,6 +708,23 @@ def test_a_finished_run_says_it_only_loads(nb, tmp_path, capsys):
     assert "resuming" not in said
 
 
+def test_a_stop_right_after_the_teacher_is_exported_leaves_no_last_prev_on_the_re_run(nb, tmp_path, monkeypatch):
+    """A run's end exports teacher.pth, then removes last.prev.pth; a Ctrl-C or a kill between the two left a
+    whole training checkpoint that no re-run removed: a re-run of a finished run skipped both."""
+    cfg, data = tiny_cfg(nb, tmp_path), Data()
+    run_dir = tmp_path / "ck" / cfg.run_name
+
+    def stopped(folder):
+        raise KeyboardInterrupt("stopped between the export and the clean-up")
+    monkeypatch.setattr(nb, "finish_run_files", stopped)
+    with pytest.raises(KeyboardInterrupt, match="between the export"):
+        nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
+    assert (run_dir / "teacher.pth").is_file() and (run_dir / "last.prev.pth").is_file()
+    monkeypatch.undo()
+    trainer, _ = nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
+    assert trainer.step == 8 and not (run_dir / "last.prev.pth").exists() and (run_dir / "last.pth").is_file()
+
+
 def test_a_second_interrupt_stops_at_once_and_says_what_was_kept(nb):
     with nb.DeferredInterrupt() as interrupt:
         os.kill(os.getpid(), signal.SIGINT)
