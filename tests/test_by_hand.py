@@ -184,9 +184,10 @@ def test_after_the_train_cell_only_the_cells_that_show_its_run_need_it(training_
 
 
 def test_a_kernel_run_elsewhere_is_told_so_and_the_measured_curves_say_they_are_missing(tmp_path):
-    """papermill runs the kernel in the folder it is called from: there the settings cell names that folder,
-    and the cell of the measured learning curves, which stopped such a run with a FileNotFoundError, says
-    which files it misses; the notebook's own folder gets neither."""
+    """papermill runs the kernel in the folder it is called from (and a copy of the notebook alone runs in a
+    folder without the project's files): there the settings cell names that folder, and the cell of the
+    measured learning curves, which stopped such a run with a FileNotFoundError, says which files it misses;
+    the notebook's own folder gets neither."""
     curve_cells = [src for src in TRAINING
                    if "learn-cpu-short16-val5k.json" in src or "plot_learning_curves(curves)" in src]
     assert len(curve_cells) == 2
@@ -198,7 +199,7 @@ def test_a_kernel_run_elsewhere_is_told_so_and_the_measured_curves_say_they_are_
         finally:
             kernel.close()
         elsewhere = folder == tmp_path
-        assert (f"note: the working folder {tmp_path.resolve()} is not this notebook's" in setup) == elsewhere
+        assert (f"note: the working folder {tmp_path.resolve()} holds neither" in setup) == elsewhere
         assert ("holds no learn-cpu-short16-val5k.json" in curves) == elsewhere
         assert ("short, seed 2: k-NN" in curves) != elsewhere
 
