@@ -402,6 +402,29 @@ def test_a_ctrl_c_during_the_last_k_nn_stops_the_run_not_dropped(nb, tmp_path, m
     assert trainer.step == 8 and (run_dir / "teacher.pth").is_file()
 
 
+def test_a_ctrl_c_during_an_earlier_epochs_k_nn_stops_at_that_epochs_end(nb, tmp_path, monkeypatch):
+    """A Ctrl-C held while the k-NN of an epoch before the last ran: the run trained one more step and saved
+    again before it stopped; it stops at that epoch's end, whose last.pth was saved before the k-NN."""
+    cfg, data, real_evaluate, real_step, trained = tiny_cfg(nb, tmp_path), Data(), nb.evaluate, nb.train_step, []
+
+    def interrupted_in_the_first_epochs_evaluation(trainer, *args):
+        if trainer.step == 4:   # the end of epoch 1 of 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_evaluate(trainer, *args)
+    monkeypatch.setattr(nb, "evaluate", interrupted_in_the_first_epochs_evaluation)
+    monkeypatch.setattr(nb, "train_step", lambda t, images, read: (trained.append(t.step), real_step(t, images, read))[1])
+    with pytest.raises(KeyboardInterrupt, match=r"interrupted at step 4; saved .*last.pth"):
+        nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
+    monkeypatch.undo()
+    run_dir = tmp_path / "ck" / cfg.run_name
+    assert trained == [0, 1, 2, 3] and torch.load(run_dir / "last.pth", weights_only=True)["step"] == 4
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in rows if r["kind"] in ("eval", "epoch_end")] == [
+        ("eval", 0), ("eval", 4), ("epoch_end", 4)]
+    trainer, _ = nb.train_dino(cfg, data, data, torch.device("cpu"), progress=False)
+    assert trainer.step == 8 and (run_dir / "teacher.pth").is_file()
+
+
 def test_a_ctrl_c_whose_traceback_is_kept_leaves_no_reader_running(nb, tmp_path, monkeypatch):
     """Jupyter keeps a cell's last error, and with it the run's frames and their loader: its reader processes
     went on running beside the kernel, two more with each interrupted re-run."""
