@@ -278,6 +278,44 @@ def test_a_ctrl_c_on_any_rank_stops_every_rank_at_the_same_step_and_rank_0_saves
     assert said.count(f"KeyboardInterrupt: interrupted at step {steps[-1]}") == 2, said[-3000:]   # both ranks
 
 
+KNN_INTERRUPT_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+import torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from nbloader import load_notebook
+from test_train import Data, tiny_cfg
+nb = load_notebook()
+dist.init_process_group("gloo")
+rank, tmp, data = dist.get_rank(), Path({tmp!r}), Data()
+real_evaluate, real_step, trained = nb.evaluate, nb.train_step, []
+
+def evaluate(trainer, *args):
+    if rank == 1 and trainer.step == trainer.iters_per_epoch:   # rank 1 alone, in the k-NN of epoch 1 of 2
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_evaluate(trainer, *args)
+nb.evaluate = evaluate
+nb.train_step = lambda t, images, read: (trained.append(t.step), real_step(t, images, read))[1]
+try:
+    trainer, _ = nb.train_dino(tiny_cfg(nb, tmp), data, data, torch.device("cpu"), rank, 2, progress=False)
+    said = f"not stopped, at step {{trainer.step}}"
+except KeyboardInterrupt as stop:
+    said = f"stopped: {{stop}}"
+open(tmp / f"rank{{rank}}.txt", "w").write(f"{{said}}; trained steps {{trained}}")
+dist.destroy_process_group()
+"""
+
+
+def test_a_ctrl_c_on_one_rank_during_an_epochs_k_nn_stops_every_rank_at_that_epochs_end(tmp_path):
+    """The ranks agree, with one all-reduce at an epoch's end, on a Ctrl-C that one of them held during the
+    epoch's k-NN: every rank stops there, after the epoch checkpoint rank 0 saved, none trains a step more."""
+    run_two_ranks(KNN_INTERRUPT_SCRIPT, tmp_path)
+    said = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert all(s.startswith("stopped: interrupted at step 2; saved ") and s.endswith("trained steps [0, 1]")
+               for s in said), said
+    assert torch.load(tmp_path / "ck" / "demo" / "last.pth", weights_only=True)["step"] == 2
+
+
 def test_only_rank_0_says_how_a_folder_was_split(nb, tmp_path, capsys, recwarn):
     """Every rank opens the data; the split of a folder and its warnings (here: a hidden file) are said once,
     by rank 0, not once by every rank."""
