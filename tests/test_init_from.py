@@ -150,14 +150,35 @@ def test_a_file_that_is_no_checkpoint_says_so_at_once(nb, tmp_path):
         config(nb, tmp_path / "no_backbone.pth")
     linear = {"state_dict": {"module.linear.weight": torch.zeros(10, 8)}, "best_acc": 80.0}   # a release's probe
     torch.save(linear, tmp_path / "dino_deitsmall8_linearweights.pth")
+    with pytest.raises(nb.ConfigError, match=r"linearweights\.pth': a checkpoint, but it is a linear classifier's "
+                                             r"weights \(eval_linear\.py's output.*not a backbone: that is the "
+                                             r"\*_pretrain\.pth file"):
+        config(nb, tmp_path / "dino_deitsmall8_linearweights.pth")
+    torch.save({"state_dict": {"module.fc.weight": torch.zeros(2)}, "best_acc": 1.0}, tmp_path / "other.pth")
     with pytest.raises(nb.ConfigError, match=r"has no 'teacher' entry and is no plain state dict; its entries: "
                                              r"\['best_acc', 'state_dict'\]"):
-        config(nb, tmp_path / "dino_deitsmall8_linearweights.pth")
+        config(nb, tmp_path / "other.pth")   # a state_dict entry of no model of the release: its entries listed
     torch.save([torch.zeros(2)], tmp_path / "a_list.pth")
     with pytest.raises(nb.ConfigError, match=r"a_list\.pth': a checkpoint, but it holds a list, not a dict"):
         config(nb, tmp_path / "a_list.pth")
     with pytest.raises(nb.ConfigError, match=r"init_from='.*': not a file"):
         config(nb, tmp_path)
+
+
+@pytest.mark.parametrize("keys, said", [
+    (["conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "fc.weight"], "a ResNet \\(as the release's dino_resnet50"),
+    (["module.cls_token", "module.patch_embed.proj.0.0.weight", "module.blocks.0.attn.temperature",
+      "module.cls_attn_blocks.0.attn.q.weight"], "an XCiT \\(as the release's dino_xcit"),
+    (["module.linear.weight", "module.linear.bias"], "a linear classifier's weights \\(eval_linear\\.py's output")],
+    ids=["resnet50", "xcit", "linear head"])
+def test_the_releases_other_models_are_named_not_only_refused(nb, tmp_path, keys, said):
+    """DINO's release puts ResNet-50 and XCiT backbones and linear heads beside the ViTs: both readers said
+    which ViT keys such a file lacks, not what it is."""
+    torch.save({key: torch.zeros(2, 2) for key in keys}, tmp_path / "release.pth")
+    with pytest.raises(nb.ConfigError, match=r"release\.pth'.*not a ViT backbone this notebook can build: it is " + said):
+        config(nb, tmp_path / "release.pth")
+    with pytest.raises(ValueError, match=r"release\.pth is no ViT backbone this notebook can build: it is " + said):
+        nb.backbone_from_checkpoint(tmp_path / "release.pth")
 
 
 @pytest.mark.parametrize("key, shape, said", [("pos_embed", (192,), r"pos_embed \(192,\) is not \(1, 1 \+ n\*n, width\)"),
