@@ -239,6 +239,22 @@ def test_the_folders_a_run_writes_to_expand_their_tilde(nb):
     assert [getattr(cfg, name) for name in given] == expanded
 
 
+@pytest.mark.parametrize("name", ["checkpoint_dir", "cache_dir", "figure_dir", "embedded_dir"])
+def test_a_folder_to_write_that_is_a_file_is_refused_when_the_config_is_made(nb, tmp_path, name):
+    """A checkpoint file given as checkpoint_dir (init_from's value in the wrong field) was accepted, and the
+    run failed when it first wrote there: after the data was read, for the cache after a conversion."""
+    checkpoint = tmp_path / "demo_vit_tiny8.pth"
+    checkpoint.write_bytes(b"PK")
+    with pytest.raises(nb.ConfigError, match=rf"{name}='{checkpoint}': {checkpoint} is a file, not a folder, "
+                                             r"so nothing can be written there"):
+        nb.make_config("demo", **{name: str(checkpoint)})
+    with pytest.raises(nb.ConfigError, match=rf"{name}='{checkpoint}/runs': {checkpoint} is a file, not a "
+                                             r"folder, so nothing can be written under it"):
+        nb.make_config("demo", **{name: str(checkpoint / "runs")})
+    made = nb.make_config("demo", **{name: str(tmp_path / "new" / "folder")})   # a folder yet to be made
+    assert getattr(made, name) == str(tmp_path / "new" / "folder") and not (tmp_path / "new").exists()
+
+
 def test_the_checks_that_train_in_seconds_keep_min_lr_below_their_own_peak(nb):
     """seconds_long shrinks the batch to 4 and kept min_lr: with base_lr a tenth of imagenet64's (the advice for
     init_from), the crash checks' config was refused (peak 7.8e-07 < min_lr 1e-06)."""
