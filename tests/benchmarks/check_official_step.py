@@ -13,10 +13,16 @@ teacher-temperature warm-up, a last layer with a free magnitude, the EMA, and dr
 student, both codes drawing its masks from the same random state (each step starts the official one
 from the state ours started from). The key part of each qkv bias is left out of the comparison
 (and its difference printed): its gradient is zero but for rounding, which AdamW magnifies. It prints each step's losses and, at the end, the largest
-difference of every compared quantity; exits 1 when one is above --tolerance. Not part of the suite:
+difference of every compared quantity. Then the trained teacher goes the other way: written as a run
+writes it (`last.pth`, then `teacher.pth` exported from it) and read by the official evaluation scripts'
+`utils.load_pretrained_weights` into their ViT built for the run's image size, both files, whose features
+are compared with ours; the ViT their scripts build as they are (224 pixels) is tried too, and its error
+printed. Exits 1 when a difference is above --tolerance. Not part of the suite:
 the official code is not part of the project and nothing is downloaded; pass a checkout of it.
 """
 import argparse
+import contextlib
+import io
 import math
 import os
 import sys
@@ -83,6 +89,37 @@ def official_models(cfg, state_dict):
     return student, teacher, official_utils
 
 
+def read_by_official_eval(nb, cfg, ours, official_utils, images):
+    """Our trained teacher as the official eval_knn.py, eval_linear.py and visualize_attention.py read it
+    (utils.load_pretrained_weights: keys stripped of module. and backbone., loaded with strict=False), from
+    teacher.pth and from last.pth's teacher entry, into their ViT built for the run's image size: the largest
+    difference of its features from ours, per file. Their scripts build the ViT for 224 pixels: that too is
+    tried, and what it says printed."""
+    import vision_transformer as vits
+    folder = Path(cfg.checkpoint_dir)
+    last, exported = nb.save_checkpoint(ours, folder / "last.pth"), folder / "teacher.pth"
+    nb.export_teacher_backbone(last, exported, dtype=torch.float32)   # as a finished run writes it
+    with torch.no_grad():
+        our_features = ours.teacher.backbone(images)
+    gaps = {}
+    for path, key in ((exported, None), (last, "teacher")):
+        theirs = vits.__dict__[cfg.arch](patch_size=cfg.patch_size, num_classes=0, img_size=[cfg.img_size]).eval()
+        with contextlib.redirect_stdout(io.StringIO()) as said:
+            official_utils.load_pretrained_weights(theirs, str(path), key, cfg.arch, cfg.patch_size)
+        with torch.no_grad():
+            gaps[f"{path.name}, their ViT"] = float((theirs(images) - our_features).abs().max())
+        print(f"{path.name} into their {cfg.arch}/{cfg.patch_size} for {cfg.img_size} px, as their evaluation "
+              f"scripts load it: {said.getvalue().strip().splitlines()[-1].split(' and loaded with ')[-1]}")
+    at_224 = vits.__dict__[cfg.arch](patch_size=cfg.patch_size, num_classes=0)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            official_utils.load_pretrained_weights(at_224, str(exported), None, cfg.arch, cfg.patch_size)
+        print("teacher.pth into their ViT as their scripts build it (224 px): loaded")
+    except RuntimeError as error:
+        print(f"teacher.pth into their ViT as their scripts build it (224 px): {str(error).splitlines()[-1].strip()}")
+    return gaps
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--official", required=True, help="a checkout of facebookresearch/dino")
@@ -111,6 +148,7 @@ def main():
 
 def compare(nb, a, cfg):
     device = torch.device("cpu")
+    nb.seed_everything(cfg.seed)   # the same weights every run, so that its printed losses can be compared
     ours = nb.DINOTrainer(cfg, ITERS_PER_EPOCH * cfg.batch_size, device)
     student, teacher, official_utils = official_models(cfg, official_spelling(nb, ours.student.state_dict()))
     import main_dino
@@ -155,6 +193,7 @@ def compare(nb, a, cfg):
         theirs_in_our_spelling = {nb.canonical_key(key): value for key, value in theirs.state_dict().items()}
         gaps[f"{name} weights"], key_bias_gaps[name] = weight_gaps(ours_model.state_dict(), theirs_in_our_spelling)
     gaps["loss centre"] = float((ours.loss.center - loss_fn.center).abs().max())
+    gaps.update(read_by_official_eval(nb, cfg, ours, official_utils, crops[0]))
     print(f"after {a.steps} steps, largest differences:")
     for name, gap in gaps.items():
         print(f"  {name:22s} {gap:.1e}")
