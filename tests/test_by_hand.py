@@ -297,7 +297,8 @@ def test_a_refused_checkpoint_leaves_the_next_cell_a_clear_error(interrupted_and
     kernel.run_ok('damaged = run_directory(cfg) / "teacher.pth"; damaged.parent.mkdir(parents=True, exist_ok=True); '
                   'damaged.write_bytes(b"\\xff\\xd8\\xff a JPEG, not a checkpoint")')
     error, _ = kernel.run(load_cell)
-    assert error is not None and "teacher.pth is damaged: not a complete zip archive" in error
+    assert error is not None and "teacher.pth is not a checkpoint: torch.save writes a zip archive, and this file " \
+                                 "is a JPEG image" in error
     error, _ = kernel.run(next_cell)
     assert error is not None and "no teacher loaded" in error
     features_cell, table_cell = (next(src for src in evaluation

@@ -366,13 +366,33 @@ def test_a_checkpoint_in_the_format_before_torch_1_6_is_named_so_not_damaged(nb,
                 load(old)
     other = tmp_path / "weights.pkl"   # a pickle, but not torch's: not called an older torch.save
     other.write_bytes(pickle.dumps({"w": [0.0] * 3}, protocol=4))
-    with pytest.raises(nb.CheckpointError, match=r"weights.pkl is damaged: not a complete zip archive"):
+    with pytest.raises(nb.CheckpointError, match=r"weights.pkl is not a checkpoint: torch.save writes a zip archive, "
+                                                 r"and this file is a pickle \(not the zip format"):
         nb.load_weights_file(other)
     cut = tmp_path / "cut.pth"
     torch.save({"pos_embed": torch.zeros(1, 5, 8)}, cut)
     cut.write_bytes(cut.read_bytes()[:-100])
     with pytest.raises(nb.CheckpointError, match=r"cut.pth is damaged: not a complete zip archive"):
         nb.load_weights_file(cut)
+
+
+@pytest.mark.parametrize("content, said", [
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"w": {"dtype": "F32"}}', r"a safetensors file \(as Hugging Face stores "
+                                                                          r"weights\), which is not read here"),
+    (b"", r"empty \(0 bytes\)"),
+    (b"\xff\xd8\xff\xe0 a photograph", r"a JPEG image")], ids=["safetensors", "empty", "jpeg"])
+def test_a_file_of_another_format_is_named_not_called_damaged(nb, tmp_path, content, said):
+    """A file that is no zip archive at all (Hugging Face's safetensors, an empty file, a photograph) is intact,
+    only not what torch.save writes: the loaders called it "damaged: not a complete zip archive", and the
+    settings' check said its first bytes; both now say what it is. A zip cut short is still damaged."""
+    path = tmp_path / "model.pth"
+    path.write_bytes(content)
+    for load in (nb.load_weights_file, nb.read_state_dict, nb.backbone_from_checkpoint):
+        with pytest.raises(nb.CheckpointError, match=r"model\.pth is not a checkpoint: torch\.save writes a zip "
+                                                     r"archive, and this file is " + said):
+            load(path)
+    with pytest.raises(nb.ConfigError, match=r"init_from='.*model\.pth': not a checkpoint: .*this file is " + said):
+        nb.make_config("demo", init_from=str(path))
 
 
 def test_export_checks_the_teacher(nb, run, tmp_path):

@@ -169,11 +169,14 @@ def test_a_file_that_is_no_checkpoint_says_so_at_once(nb, tmp_path):
     (["conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "fc.weight"], "a ResNet \\(as the release's dino_resnet50"),
     (["module.cls_token", "module.patch_embed.proj.0.0.weight", "module.blocks.0.attn.temperature",
       "module.cls_attn_blocks.0.attn.q.weight"], "an XCiT \\(as the release's dino_xcit"),
-    (["module.linear.weight", "module.linear.bias"], "a linear classifier's weights \\(eval_linear\\.py's output")],
-    ids=["resnet50", "xcit", "linear head"])
+    (["module.linear.weight", "module.linear.bias"], "a linear classifier's weights \\(eval_linear\\.py's output"),
+    (["embeddings.cls_token", "embeddings.position_embeddings", "embeddings.patch_embeddings.projection.weight",
+      "encoder.layer.0.attention.attention.query.weight", "layernorm.weight"],
+     "a state dict in Hugging Face.s spelling .*not read here: the DINO and DINOv2 release files")],
+    ids=["resnet50", "xcit", "linear head", "hugging face"])
 def test_the_releases_other_models_are_named_not_only_refused(nb, tmp_path, keys, said):
-    """DINO's release puts ResNet-50 and XCiT backbones and linear heads beside the ViTs: both readers said
-    which ViT keys such a file lacks, not what it is."""
+    """DINO's release puts ResNet-50 and XCiT backbones and linear heads beside the ViTs, and Hugging Face
+    holds its ViTs in another spelling: both readers said which ViT keys such a file lacks, not what it is."""
     torch.save({key: torch.zeros(2, 2) for key in keys}, tmp_path / "release.pth")
     with pytest.raises(nb.ConfigError, match=r"release\.pth'.*not a ViT backbone this notebook can build: it is " + said):
         config(nb, tmp_path / "release.pth")
