@@ -195,14 +195,34 @@ def test_photo_for_attention_caps_the_long_side(nb):
 
 # ---------------------------------------------------------------- official checkpoint
 
-def test_missing_checkpoint_says_where_and_returns_none(nb, tmp_path, capsys):
+def test_missing_checkpoint_says_where_and_returns_none(nb, tmp_path, capsys, monkeypatch):
     # the release files are optional where the config's default names them; given by hand, one must exist
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))   # torch.hub's cache, empty
     with pytest.raises(nb.ConfigError, match="pretrained_path=.*nothing_here.pth': no such file"):
         nb.make_config("demo", pretrained_path=str(tmp_path / "nothing_here.pth"))
     cfg = nb.dataclasses.replace(nb.make_config("demo"), pretrained_path=str(tmp_path / "nothing_here.pth"))
     assert nb.load_pretrained(cfg, "pretrained_path") is None
     message = capsys.readouterr().out
     assert "nothing_here.pth" in message and nb.DINO_VITS8_URL in message
+
+
+def test_the_release_file_in_torch_hubs_cache_is_read_and_said(nb, tmp_path, capsys, monkeypatch):
+    """A user who ran torch.hub.load('facebookresearch/dino:main', 'dino_vits8') has the release file in torch.hub's
+    cache: it was ignored, and the section said to download it. It is read from there, and the line says so."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in nb.vit_small(patch_size=8, img_size=224).state_dict().items()}
+    torch.manual_seed(1)
+    state = {k: torch.randn(shape) * 0.02 for k, shape in shapes.items()}
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "dino_deitsmall8_pretrain.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(state, cached)
+    cfg = nb.dataclasses.replace(nb.make_config("demo"), pretrained_path=str(tmp_path / "dino_deitsmall8_pretrain.pth"))
+    model = nb.load_pretrained(cfg, "pretrained_path")
+    assert torch.equal(model.pos_embed, state["pos_embed"])
+    assert f"reading torch.hub's copy of it, {cached}" in capsys.readouterr().out
+    cfg = nb.dataclasses.replace(cfg, pretrained_path=str(tmp_path / "other_name.pth"))   # another file: not that one
+    assert nb.load_pretrained(cfg, "pretrained_path") is None
 
 
 def test_present_checkpoint_loads_vit_small_8(nb, tmp_path):
