@@ -195,6 +195,17 @@ def test_photo_for_attention_caps_the_long_side(nb):
 
 # ---------------------------------------------------------------- official checkpoint
 
+def saved_vit_small_8(nb, path, seed):
+    """Random weights of ViT-S/8 at 224 px, the layout of the release's dino_deitsmall8_pretrain.pth, saved
+    at `path`; returns them."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in nb.vit_small(patch_size=8, img_size=224).state_dict().items()}
+    torch.manual_seed(seed)
+    state = {k: torch.randn(shape) * 0.02 for k, shape in shapes.items()}
+    torch.save(state, path)
+    return state
+
+
 def test_missing_checkpoint_says_where_and_returns_none(nb, tmp_path, capsys, monkeypatch):
     # the release files are optional where the config's default names them; given by hand, one must exist
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))   # torch.hub's cache, empty
@@ -210,13 +221,9 @@ def test_the_release_file_in_torch_hubs_cache_is_read_and_said(nb, tmp_path, cap
     """A user who ran torch.hub.load('facebookresearch/dino:main', 'dino_vits8') has the release file in torch.hub's
     cache: it was ignored, and the section said to download it. It is read from there, and the line says so."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in nb.vit_small(patch_size=8, img_size=224).state_dict().items()}
-    torch.manual_seed(1)
-    state = {k: torch.randn(shape) * 0.02 for k, shape in shapes.items()}
     cached = tmp_path / "torch" / "hub" / "checkpoints" / "dino_deitsmall8_pretrain.pth"
     cached.parent.mkdir(parents=True)
-    torch.save(state, cached)
+    state = saved_vit_small_8(nb, cached, seed=1)
     cfg = nb.dataclasses.replace(nb.make_config("demo"), pretrained_path=str(tmp_path / "dino_deitsmall8_pretrain.pth"))
     model = nb.load_pretrained(cfg, "pretrained_path")
     assert torch.equal(model.pos_embed, state["pos_embed"])
@@ -226,11 +233,7 @@ def test_the_release_file_in_torch_hubs_cache_is_read_and_said(nb, tmp_path, cap
 
 
 def test_present_checkpoint_loads_vit_small_8(nb, tmp_path):
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in nb.vit_small(patch_size=8, img_size=224).state_dict().items()}
-    torch.manual_seed(0)
-    state = {k: torch.randn(shape) * 0.02 for k, shape in shapes.items()}
-    torch.save(state, tmp_path / "dino_deitsmall8_pretrain.pth")
+    state = saved_vit_small_8(nb, tmp_path / "dino_deitsmall8_pretrain.pth", seed=0)
     cfg = nb.make_config("demo", pretrained_path=str(tmp_path / "dino_deitsmall8_pretrain.pth"))
     model = nb.load_pretrained(cfg, "pretrained_path")
     assert not model.training and model.patch_embed.proj.kernel_size == (8, 8)
