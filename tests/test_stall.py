@@ -63,3 +63,22 @@ def test_a_run_without_centring_is_told_it_collapsed(nb, tmp_path, capsys):
                                   warmup_teacher_temp=0.04)
     assert len(alarms) == 1 and "few prototypes" in alarms[0]["message"]
     assert out.count("WARNING: training has stalled") == 1
+
+
+def test_a_learning_rate_above_the_short_runs_is_named_first(nb):
+    """The linear rule (lr = base_lr * batch_size * processes / 256) takes the `short` profile's 5e-4 at batch 32
+    to 4e-3 at batch 256. At 4e-3 the 15-epoch run of the generated set went uniform by epoch 3 (learn-cpu-short-
+    e15-lr4e-3.json; at 5e-4 the same run gained 11.7 points), and the alarm offered only a longer run."""
+    def advice(cfg, world_size=1, entropy=0.97):
+        alarm = nb.stall_alarm(rows(entropy * math.log(cfg.out_dim), 0.05), cfg, epoch=1, world_size=world_size)
+        return alarm.split("Settings to try: ")[1]
+    big = nb.make_config("short", warmup_epochs=1, batch_size=256)
+    assert advice(big).startswith("a lower learning rate: base_lr=0.0005 for the peak of 5.0e-04 ")
+    assert "(this run's: 4.0e-03, " in advice(big) and "; or a longer run, or more images per class" in advice(big)
+    two = nb.make_config("short", warmup_epochs=1, batch_size=128)   # two processes of 128: the same step
+    assert advice(two, world_size=2) == advice(big) and "(this run's: 2.0e-03, " in advice(two)
+    assert "learning rate" not in advice(nb.make_config("short", warmup_epochs=1))   # the short runs' own peak
+    assert "learning rate" not in advice(nb.make_config("short", warmup_epochs=1, batch_size=256, base_lr=5e-4))
+    assert advice(big, entropy=0.001).startswith("a lower learning rate")   # a collapse too
+    paper = nb.make_config("imagenet64", warmup_epochs=1, batch_size=1024)   # the paper's 2e-3, then its parts
+    assert advice(paper).startswith("a lower learning rate: base_lr=0.00013 ") and "koleo_weight=0.1" in advice(paper)
