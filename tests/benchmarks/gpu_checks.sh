@@ -70,8 +70,8 @@ echo "CUDA graphs work: $graphs"
 # off: its first step would cost the timing trainer of --fit-epochs and then the run a minute or more each.
 # base_lr=0.0005: the peak learning rate of 5e-4 with which every `short` run on a CPU learned (batch 32), not
 # the linear rule's 4e-3 at batch 256, with which the CPU runs stalled (learn-cpu-short-e15-lr4e-3.json at
-# batch 32, learn-cpu-short-fit26-b256.json at 256). At 195 steps an epoch, 6 to 17 epochs are as many steps as the
-# CPU runs that learned took (1,100-3,400)
+# batch 32, learn-cpu-short-fit26-b256.json at 256). At 195 steps an epoch, 6 to 20 epochs are as many steps as the
+# CPU runs that learned took (1,100-3,900)
 wants learn && run 360 390 "$OUT/learn.txt" python3 tests/benchmarks/bench_learn.py --name gpu-short --profile short \
     --images 50000 --bank 20000 --minutes 5.5 --fit-epochs --out "$OUT" --set arch=vit_small batch_size=256 \
     base_lr=0.0005 num_workers=4 compile=false cuda_graphs=$graphs
